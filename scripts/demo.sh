@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install specchat with the embedded demo models into ./.venv, then ask the demo pair one question.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q torch==2.13.0
+$py -m pip install -q -e '.[demo]'
+echo "Write a Python function that checks whether a number is prime." \
+  | .venv/bin/specchat run --model demo --max-new-tokens 128 "$@"

@@ -1,0 +1,94 @@
+"""The `specchat` command line: parse options, build one frozen config, dispatch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .boundary import error_boundary
+from .config import build_config
+from .paths import config_file
+
+app = typer.Typer(
+    name="specchat",
+    help="Chat with a model larger than your GPU or RAM, fast: SpecExec speculative decoding over a streamed target.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file (TOML). Default: $XDG_CONFIG_HOME/specchat/config.toml.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Target: registry name, hub id, directory or .gguf. Default: configured model, else demo.")]
+DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name, hub id, path, 'auto' or 'none'.")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: auto or 16bit.")]
+OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto or none (all resident).")]
+RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
+BudgetOpt = Annotated[Optional[int], typer.Option("--budget", help="Tree tokens the target verifies per pass.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy.")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass in (0, 1].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
+MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Stop after this many new tokens.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"specchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def specchat(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """Chat with a model larger than your GPU or RAM, fast."""
+
+
+@app.command()
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; omitted or '-' reads stdin.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    draft: DraftOpt = None,
+    quant: QuantOpt = None,
+    offload: OffloadOpt = None,
+    ram_budget: RamBudgetOpt = None,
+    store: StoreOpt = None,
+    method: MethodOpt = None,
+    budget: BudgetOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    system: SystemOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and stats.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Answer one prompt and exit. Reads stdin when PROMPT is omitted or '-'."""
+    from .oneshot import read_prompt, run_oneshot, stderr_progress
+
+    flags = dict(
+        model=model, draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store,
+        method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
+        max_new_tokens=max_new_tokens, system=system,
+    )
+    with error_boundary(debug):
+        settings = build_config(flags, config, config_file())
+        text = read_prompt(prompt, sys.stdin)
+        run_oneshot(settings, text, json_output, sys.stdout, sys.stderr, stderr_progress)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Errors a user can act on.  Each carries what went wrong, why, and what to do.
+
+Library code raises these; only the command layer turns them into one line on
+stderr and an exit status.
+"""
+
+from __future__ import annotations
+
+
+class SpecchatError(Exception):
+    exit_code = 2
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+    def line(self) -> str:
+        return f"error: {self.what}" + (f"; {self.fix}" if self.fix else "")
+
+
+class ModelNotFound(SpecchatError):
+    pass
+
+
+class CorruptModel(SpecchatError):
+    pass
+
+
+class ConfigError(SpecchatError):
+    pass
+
+
+class InputError(SpecchatError):
+    pass
+
+
+class ResourceError(SpecchatError):
+    pass

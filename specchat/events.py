@@ -1,0 +1,47 @@
+"""What the engine yields.  The UI renders these; the engine never prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """New text and the token ids that produced it, after one target pass."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    accepted: int  # draft tokens the target accepted this pass (new tokens - 1)
+    tree_size: int  # tree nodes the target verified, root excluded (0 for AR)
+    draft_s: float
+    target_s: float
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    method: str
+    budget: int
+    prefill_tokens: int
+    new_tokens: int
+    target_passes: int
+    tokens_per_pass: float
+    tokens_per_s: float
+    wall_s: float
+    prefill_s: float
+    draft_s: float
+    target_s: float
+    disk_read_bytes: int
+    finish_reason: str  # "eos" | "length" | "stop" | "interrupted"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    text: str
+    token_ids: tuple[int, ...]
+    stats: GenerationStats
+
+
+Event = TextEvent | DoneEvent

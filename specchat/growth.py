@@ -1,0 +1,157 @@
+"""Growing a speculation tree with the draft model.
+
+SpecExec (arXiv 2406.02532, Sec. 3.2, Alg. 1 "parallel Dijkstra"): a node's
+score is the draft's cumulative log-probability of the path to it.  Each step
+takes the best ``batch`` nodes not yet expanded, runs one batched draft forward
+over them, and offers all their children; the tree is the ``budget`` best
+nodes found.  Since a child never scores above its parent, the best-``budget``
+set (ties broken by insertion order) is ancestor-closed, i.e. a tree.
+
+SpecInfer (arXiv 2305.09781, Sec. 3): the tree is *sampled* from the draft.
+Each expanded node draws its children without replacement from the draft
+distribution q (Gumbel-top-k), and q is kept for verification.  Which nodes
+get children depends only on their ancestors, never on the children drawn,
+so multi-step speculative sampling stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kvcache import KVCache
+from .lm import LanguageModel
+from .sampling import SamplingParams, draft_log_scores, probabilities
+from .tree import Tree, TreeBuilder
+
+
+@dataclass(frozen=True)
+class GrowthParams:
+    budget: int  # tree nodes besides the root that the target verifies
+    max_depth: int = 32  # no node deeper than this
+    batch: int = 16  # nodes expanded per draft forward (SpecExec)
+    max_steps: int = 64  # draft forwards per tree at most (SpecExec)
+
+
+def grow_specexec(
+    draft: LanguageModel,
+    cache: KVCache,
+    committed: list[int],
+    growth: GrowthParams,
+    sampling: SamplingParams,
+) -> tuple[Tree, int]:
+    """Best-first tree of ``growth.budget`` nodes; returns (tree, draft forwards)."""
+    builder = TreeBuilder(draft, cache, committed)
+    budget = growth.budget
+    scores = draft_log_scores(builder.expand_root(), sampling)  # (1, V)
+    _offer_children(builder, [0], scores, budget, threshold=-math.inf)
+    while builder.draft_forwards < growth.max_steps:
+        threshold = _kth_best(builder.scores[1:], budget)
+        frontier = [
+            n
+            for n in range(1, len(builder.tokens))
+            if not builder.is_expanded(n)
+            and builder.depths[n] < growth.max_depth
+            and builder.scores[n] > threshold
+        ]
+        if not frontier:
+            break
+        frontier.sort(key=lambda n: (-builder.scores[n], n))
+        nodes = frontier[: growth.batch]
+        scores = draft_log_scores(builder.expand(nodes), sampling)  # (B, V)
+        _offer_children(builder, nodes, scores, budget, threshold)
+    return builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards
+
+
+def _offer_children(
+    builder: TreeBuilder, nodes: list[int], log_scores: torch.Tensor, budget: int, threshold: float
+) -> None:
+    """Add the best ``budget`` children of ``nodes`` whose path score beats ``threshold``."""
+    parent_scores = torch.tensor([builder.scores[n] for n in nodes], dtype=torch.float64)
+    path_scores = parent_scores[:, None] + log_scores  # (B, V)
+    vocab = path_scores.shape[1]
+    best, flat = path_scores.flatten().topk(min(budget, path_scores.numel()))
+    for score, index in zip(best.tolist(), flat.tolist()):
+        if score <= threshold or score == -math.inf:
+            break  # topk is sorted: nothing further can enter the tree
+        builder.add(nodes[index // vocab], index % vocab, score)
+
+
+def _kth_best(scores: list[float], k: int) -> float:
+    if len(scores) < k:
+        return -math.inf
+    return float(torch.tensor(scores, dtype=torch.float64).topk(k).values[-1])
+
+
+def _best_nodes(scores: list[float], budget: int) -> list[int]:
+    """Root plus the ``budget`` best nodes, ties going to the earlier (ancestor-first) node."""
+    order = sorted(range(1, len(scores)), key=lambda n: (-scores[n], n))
+    return [0] + order[:budget]
+
+
+def specinfer_shape(budget: int) -> tuple[int, int]:
+    """(children per expanded node, nodes expanded per level) for a budget.
+
+    A binary fan-out over a frontier of about sqrt(budget) nodes: 16 nodes
+    become a depth-4 tree, 256 nodes a depth-10 tree 32 wide.
+    """
+    width = max(1, round(math.sqrt(budget)))
+    return (2 if width > 1 else 1), width
+
+
+def grow_specinfer(
+    draft: LanguageModel,
+    cache: KVCache,
+    committed: list[int],
+    growth: GrowthParams,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[Tree, int]:
+    """Level-by-level sampled tree of ``growth.budget`` nodes; returns (tree, draft forwards)."""
+    builder = TreeBuilder(draft, cache, committed)
+    branch, width = specinfer_shape(growth.budget)
+    remaining = growth.budget
+    level, logits = [0], builder.expand_root()
+    while remaining > 0:
+        # Greedy: the draft's own top tokens (temperature 1); sampled: q as the target sees it.
+        greedy_q = SamplingParams(temperature=1.0) if sampling.greedy else sampling
+        draft_probs = probabilities(logits, greedy_q)  # (B, V) float64
+        draw_from = None if sampling.greedy else generator
+        next_level: list[int] = []
+        for row, node in enumerate(level):
+            builder.draft_probs[node] = draft_probs[row]
+            n_children = min(branch, remaining, int((draft_probs[row] > 0).sum()))
+            for token in _draw_without_replacement(draft_probs[row], n_children, draw_from):
+                child = builder.add(node, token, builder.scores[node] + math.log(draft_probs[row, token]))
+                next_level.append(child)
+            remaining -= n_children
+            if remaining == 0:
+                break
+        if remaining == 0 or builder.depths[next_level[0]] >= growth.max_depth:
+            break
+        # Which nodes get children depends on their own path score only.
+        next_level.sort(key=lambda n: (-builder.scores[n], n))
+        level = next_level[:width]
+        logits = builder.expand(level)
+    return builder.finish(list(range(len(builder.tokens)))), builder.draft_forwards
+
+
+def _draw_without_replacement(
+    probs: torch.Tensor, count: int, generator: torch.Generator | None
+) -> list[int]:
+    """``count`` distinct tokens from (V,) ``probs``, in draw order (Gumbel-top-k).
+
+    Sorting log p + Gumbel noise is the same as drawing one token after
+    another without replacement.  With no generator (greedy decoding) the
+    most probable tokens are taken instead, in order.
+    """
+    if count <= 0:
+        return []
+    if generator is None:
+        return probs.topk(count).indices.tolist()
+    uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    keys = probs.log() + gumbel
+    return keys.topk(count).indices.tolist()

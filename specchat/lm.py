@@ -1,0 +1,137 @@
+"""The narrow model interface the engine talks to, and its layer-by-layer implementation.
+
+The engine never calls a transformers model directly.  It calls
+:meth:`LanguageModel.forward` with token ids, their absolute positions and a
+boolean visibility matrix over *all* cache slots (the cached ones followed by
+the new ones).  That single signature serves the plain prefix, a speculation
+tree (ancestor mask) and a batch of draft nodes alike.
+
+:class:`LayeredLM` runs a decoder-only transformers model (Llama, Qwen2,
+Mistral, Mixtral, ...) by walking its pieces by hand -- embedding, decoder
+layers, final norm, LM head -- so that the decoder layers can come from
+anywhere: resident modules or a streamer that pages them in from RAM or SSD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .kvcache import KVCache
+
+
+class LanguageModel(Protocol):
+    vocab_size: int
+    max_context: int
+    num_layers: int
+
+    def new_cache(self) -> KVCache: ...
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        cache: KVCache,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class LayerSource(Protocol):
+    """Yields the decoder layers in order, ready to call, once per forward."""
+
+    def layers(self) -> Iterator[nn.Module]: ...
+
+    def bytes_read(self) -> int: ...
+
+
+class ResidentLayers:
+    """All decoder layers live on the compute device for the whole run."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._modules = list(modules)
+
+    def layers(self) -> Iterator[nn.Module]:
+        return iter(self._modules)
+
+    def bytes_read(self) -> int:
+        return 0
+
+
+def causal_visibility(cached: int, new: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(new, cached + new) bool: every new token sees the whole cache and its own predecessors."""
+    tri = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(new, cached, dtype=torch.bool, device=device), tri], dim=1)
+
+
+class LayeredLM:
+    """A decoder-only causal LM run piece by piece over a :class:`LayerSource`."""
+
+    def __init__(self, hf_model: nn.Module, layer_source: LayerSource | None = None) -> None:
+        base = getattr(hf_model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if base is None or not all(hasattr(base, name) for name in needed):
+            kind = type(hf_model).__name__
+            raise TypeError(f"{kind} is not a decoder-only model with embed/layers/norm/rotary parts")
+        config = hf_model.config
+        self.config = config
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.layer_source = layer_source or ResidentLayers(base.layers)
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = hf_model.lm_head.out_features
+        self.max_context = int(getattr(config, "max_position_embeddings", 4096))
+        self.dtype = self.embed_tokens.weight.dtype
+        self.device = self.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        cache: KVCache,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (R, vocab) in float32 for ``logit_rows`` of the T new tokens (all rows if None).
+
+        input_ids: (T,) long; positions: (T,) long absolute positions;
+        visible:   (T, cache.length + T) bool, True where a query may attend.
+        """
+        n_new = input_ids.shape[0]
+        if visible.shape != (n_new, cache.length + n_new):
+            raise ValueError(f"visibility {tuple(visible.shape)} != ({n_new}, {cache.length + n_new})")
+        ids = input_ids.to(self.device)[None]  # (1, T)
+        pos = positions.to(self.device)[None]  # (1, T)
+        hidden = self.embed_tokens(ids)  # (1, T, hidden)
+        cos_sin = self.rotary_emb(hidden, pos)  # 2 x (1, T, head_dim)
+        # Additive mask (1, 1, T, S): 0 where visible, the dtype's minimum elsewhere.
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=self.device)
+        mask.masked_fill_(~visible.to(self.device), torch.finfo(hidden.dtype).min)
+        mask = mask[None, None]
+        for layer in self.layer_source.layers():
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=cos_sin,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+        hidden = hidden[0]  # (T, hidden)
+        if logit_rows is not None:
+            hidden = hidden.index_select(0, logit_rows.to(self.device))
+        hidden = self.norm(hidden)
+        return self.lm_head(hidden).float()  # (R, vocab)
+
+    def bytes_read(self) -> int:
+        return self.layer_source.bytes_read()

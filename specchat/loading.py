@@ -1,0 +1,96 @@
+"""Loading a materialised model directory into a :class:`LayeredLM`, and pairing a draft."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptModel, InputError
+from .lm import LayeredLM
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
+
+
+@dataclass
+class LoadedModel:
+    lm: LayeredLM
+    tokenizer: object
+    path: Path
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        generation = getattr(self.lm, "generation_eos", None) or []
+        ids.update(generation)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+
+def quiet_transformers() -> None:
+    """Our own progress lines go to stderr; transformers' bars would only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise CorruptModel(f"cannot load the tokenizer in {path}: {exc}", "re-download or re-convert the model") from exc
+
+
+def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """The whole model on ``device`` in ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise CorruptModel(f"cannot read {path / 'config.json'}: {exc}", "re-download the model") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise CorruptModel(
+            f"architecture {config.model_type!r} is not supported",
+            f"specchat runs {', '.join(SUPPORTED_ARCHITECTURES)} models",
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:  # safetensors/transformers raise many types for a damaged file
+        raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
+    model.to(device).eval()
+    lm = LayeredLM(model)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    lm.generation_eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return LoadedModel(lm, load_tokenizer(path), path)
+
+
+def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str) -> None:
+    """Refuse a draft whose vocabulary or special tokens differ from the target's."""
+    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if target_vocab != draft_vocab:
+        for token, index in sorted(target_vocab.items(), key=lambda item: item[1]):
+            if draft_vocab.get(token) != index:
+                raise InputError(
+                    f"draft {draft_name} does not share the target's tokenizer: token {token!r} is id {index} "
+                    f"in the target and {draft_vocab.get(token)} in the draft",
+                    "pick a draft of the same model family (see `specchat models`)",
+                )
+        extra = sorted(set(draft_vocab) - set(target_vocab))
+        raise InputError(
+            f"draft {draft_name} does not share the target's tokenizer: the draft has extra token {extra[0]!r}",
+            "pick a draft of the same model family (see `specchat models`)",
+        )
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(target_tokenizer, attr, None) != getattr(draft_tokenizer, attr, None):
+            raise InputError(
+                f"draft {draft_name} has a different {attr} ({getattr(draft_tokenizer, attr, None)!r} vs "
+                f"{getattr(target_tokenizer, attr, None)!r})",
+                "pick a draft of the same model family (see `specchat models`)",
+            )

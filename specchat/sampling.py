@@ -1,0 +1,72 @@
+"""Turning logits into the distribution we sample from: temperature, then nucleus (top-p).
+
+Both the target and the draft go through the same :func:`probabilities`, so
+the speculative methods compare like with like.  Temperature 0 means greedy:
+the distribution is one-hot on the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep, per row, the smallest set of most probable tokens whose mass reaches ``top_p``.
+
+    probs: (N, V), rows summing to 1.  Returns renormalised (N, V).
+    A token is kept when the mass of the tokens ranked strictly above it is
+    still below ``top_p`` -- so the most probable token is always kept.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (N, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (N, V) exclusive prefix sum
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(N, V) logits -> (N, V) float64 sampling distribution."""
+    logits = logits.double()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    return top_p_filter(probs, params.top_p)
+
+
+def draft_log_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(N, V) draft logits -> (N, V) log-probabilities used to rank tree nodes.
+
+    Greedy decoding still ranks by the draft's full distribution (temperature
+    1): a one-hot score would make every tree a chain.
+    """
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    if params.top_p < 1.0 and not params.greedy:
+        log_probs = top_p_filter(log_probs.exp(), params.top_p).log()
+    return log_probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Draw one token id from a (V,) distribution."""
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,235 @@
+"""Model sources: turn what the user typed into a local Hugging Face directory.
+
+Accepted: a registry name (``demo``, ``qwen2.5-7b``), a hub id (``Qwen/Qwen2.5-7B-Instruct``,
+taken from the local Hugging Face cache -- only ``setup`` downloads), a local
+directory with safetensors, or a ``.gguf`` file.  GGUF models (the demo pair
+included) are dequantised once and cached as a safetensors directory, because
+dequantising takes tens of seconds every time.
+
+Every file we write goes to a temporary name first and is renamed into place
+only when it is complete and verified, so nothing half-written is ever trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CorruptModel, ModelNotFound, ResourceError
+from .paths import cache_dir
+from .registry import DEMO_ALIAS, DEMO_TARGET, ModelEntry, PartsSpec
+
+Progress = Callable[[str], None]
+MARKER = "specchat-source.json"  # written last into a converted directory
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CHUNK = 16 << 20
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str  # what the user typed
+    kind: str  # "registry" | "hub" | "dir" | "gguf"
+    entry: ModelEntry | None = None
+    path: Path | None = None
+    hub_id: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.entry.name if self.entry else self.spec
+
+
+def parse_model_spec(spec: str, registry: dict[str, ModelEntry]) -> ModelRef:
+    """Classify ``spec`` without loading anything."""
+    if spec == DEMO_ALIAS:
+        spec = DEMO_TARGET
+    if spec in registry:
+        entry = registry[spec]
+        return ModelRef(spec, "registry", entry=entry, hub_id=entry.hub)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"model file {spec} does not exist", "check the path")
+        return ModelRef(spec, "gguf", path=path)
+    if path.is_dir():
+        return ModelRef(spec, "dir", path=path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CorruptModel(f"{spec} is a pickle checkpoint", "specchat loads only safetensors and GGUF")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        by_hub = next((e for e in registry.values() if e.hub == spec), None)
+        return ModelRef(spec, "hub", entry=by_hub, hub_id=spec)
+    names = ", ".join(sorted([DEMO_ALIAS, *registry]))
+    raise ModelNotFound(
+        f"unknown model {spec!r}: not a registered name, a hub id, a directory or a .gguf file",
+        f"use one of: {names}",
+    )
+
+
+def materialize(ref: ModelRef, progress: Progress = _quiet) -> Path:
+    """Local Hugging Face directory for ``ref``; assembles/converts on first use."""
+    if ref.kind == "dir":
+        return check_hf_dir(ref.path)
+    if ref.kind == "gguf":
+        return convert_gguf(ref.path, _gguf_cache_dir(ref.path), progress)
+    if ref.entry is not None and ref.entry.parts is not None:
+        gguf = assemble_parts(ref.entry.parts, cache_dir() / "files" / f"{ref.entry.name}.gguf", progress)
+        return convert_gguf(gguf, cache_dir() / "models" / ref.entry.name, progress)
+    return check_hf_dir(hub_snapshot(ref.hub_id))
+
+
+# -- local directories -----------------------------------------------------------------
+def check_hf_dir(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path} has no config.json", "point --model at a Hugging Face model directory")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptModel(f"{path / 'config.json'} is not valid JSON ({exc})", "re-download the model") from exc
+    if "auto_map" in config:
+        raise CorruptModel(
+            f"{path} needs trust_remote_code (custom model code)",
+            "specchat runs only architectures that transformers ships",
+        )
+    if not any(path.glob("*.safetensors")):
+        if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+            raise CorruptModel(f"{path} holds only pickle weights", "convert it to safetensors first")
+        raise CorruptModel(f"{path} has no .safetensors weights", "re-download the model")
+    return path
+
+
+def hub_snapshot(hub_id: str) -> Path:
+    """The locally cached snapshot of ``hub_id``; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        raise ModelNotFound(
+            f"{hub_id} is not in the local Hugging Face cache", f"run `specchat setup {hub_id}` to download it"
+        ) from exc
+
+
+# -- split packages -------------------------------------------------------------------------
+def part_files(parts: PartsSpec) -> list[Path]:
+    """The installed part files, in order; a clear error for a missing or wrong package."""
+    files = []
+    for n in range(1, parts.count + 1):
+        dist = parts.distribution(n)
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        spec = importlib.util.find_spec(parts.module(n)) if version else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(
+                f"model part package {dist} is not installed", "install the demo models: pip install 'specchat[demo]'"
+            )
+        if version != parts.version:
+            raise CorruptModel(
+                f"model part package {dist} is version {version}, expected {parts.version}",
+                f"pip install '{dist}=={parts.version}'",
+            )
+        file = Path(next(iter(spec.submodule_search_locations))) / parts.relative_file(n)
+        if not file.is_file():
+            raise CorruptModel(f"model part package {dist} has no {parts.relative_file(n)}", f"reinstall {dist}")
+        files.append(file)
+    return files
+
+
+def assemble_parts(parts: PartsSpec, dest: Path, progress: Progress = _quiet) -> Path:
+    """Concatenate the parts into ``dest`` and check size and sha256; cached once verified."""
+    stamp = dest.with_name(dest.name + ".sha256")
+    if dest.is_file() and stamp.is_file() and stamp.read_text().strip() == parts.sha256:
+        return dest
+    files = part_files(parts)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _need_disk(dest.parent, parts.bytes, "assemble the model")
+    progress(f"assembling {dest.name} from {parts.count} packages")
+    partial = dest.with_name(dest.name + ".partial")
+    digest, written = hashlib.sha256(), 0
+    try:
+        with open(partial, "wb") as out:
+            for file in files:
+                with open(file, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+        if written != parts.bytes or digest.hexdigest() != parts.sha256:
+            raise CorruptModel(
+                f"assembled {dest.name} does not match its checksum ({written} bytes, sha256 {digest.hexdigest()[:12]}..., "
+                f"expected {parts.bytes} bytes, {parts.sha256[:12]}...)",
+                "reinstall the part packages: pip install --force-reinstall 'specchat[demo]'",
+            )
+        os.replace(partial, dest)
+        stamp.write_text(parts.sha256 + "\n")
+    finally:
+        partial.unlink(missing_ok=True)
+    return dest
+
+
+# -- GGUF conversion ------------------------------------------------------------------------------
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.resolve().stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _quiet) -> Path:
+    """Dequantise a GGUF model once into a float16 safetensors directory with its tokenizer."""
+    marker = out_dir / MARKER
+    if marker.is_file():
+        return out_dir
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    _need_disk(out_dir.parent, 4 * stat.st_size, "convert the model")
+    progress(f"converting {gguf.name} to safetensors (once; about a minute)")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # gguf/transformers raise many types for a bad file
+            raise CorruptModel(f"cannot read {gguf}: {exc}", "check that the file is a complete GGUF model") from exc
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = "float16"
+        config.save_pretrained(partial)
+        model.generation_config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        tensors = {name: t.detach().to(torch.float16).contiguous().clone() for name, t in model.state_dict().items()}
+        del model
+        save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        (partial / MARKER).write_text(json.dumps({"gguf": str(gguf), "bytes": stat.st_size}) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out_dir
+
+
+def _need_disk(directory: Path, needed: int, purpose: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ResourceError(
+            f"not enough disk space to {purpose}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free at {directory}",
+            "free some space or point XDG_CACHE_HOME elsewhere",
+        )

@@ -1,0 +1,129 @@
+"""`specchat run` end to end on tiny models saved to disk: exact output, JSON, stdin, errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from specchat.cli import app
+from specchat.engine import Engine, GenerationConfig
+from specchat.loading import load_resident
+from specchat.pipeline import encode_chat
+
+runner = CliRunner()
+
+
+def expected_reply(tiny_dirs, prompt: str, n: int, system: str | None = None) -> tuple[str, list[int]]:
+    target = load_resident(tiny_dirs["target"], torch.float32)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = encode_chat(target.tokenizer, messages)
+    engine = Engine(target.lm, None, target.tokenizer, target.eos_token_ids)
+    done = list(engine.generate(ids, GenerationConfig(method="ar", max_new_tokens=n)))[-1]
+    return done.text, list(done.token_ids)
+
+
+def base_args(tiny_dirs, *extra):
+    return ["run", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), *extra]
+
+
+def test_run_prints_exactly_the_greedy_reply(tiny_dirs):
+    text, _ = expected_reply(tiny_dirs, "the blue sea", 20)
+    result = runner.invoke(app, base_args(tiny_dirs, "--max-new-tokens", "20", "the blue sea"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == text + "\n"
+    assert f"draft {tiny_dirs['draft']}: chosen with --draft" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer", "ar"])
+def test_every_method_gives_the_same_greedy_reply(tiny_dirs, method):
+    text, _ = expected_reply(tiny_dirs, "a calm tide", 16)
+    result = runner.invoke(app, base_args(tiny_dirs, "--method", method, "--max-new-tokens", "16", "a calm tide"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == text + "\n"
+
+
+def test_stdin_prompt_and_dash(tiny_dirs):
+    text, _ = expected_reply(tiny_dirs, "deep sea fish", 12)
+    for args in (base_args(tiny_dirs, "--max-new-tokens", "12"), base_args(tiny_dirs, "--max-new-tokens", "12", "-")):
+        result = runner.invoke(app, args, input="deep sea fish\n")
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == text + "\n"
+
+
+def test_system_prompt_goes_through_the_template(tiny_dirs):
+    text, _ = expected_reply(tiny_dirs, "the moon", 12, system="salt wind")
+    result = runner.invoke(app, base_args(tiny_dirs, "--max-new-tokens", "12", "--system", "salt wind", "the moon"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == text + "\n"
+
+
+def test_json_output_schema(tiny_dirs):
+    text, tokens = expected_reply(tiny_dirs, "the blue sea", 10)
+    result = runner.invoke(app, base_args(tiny_dirs, "--json", "--max-new-tokens", "10", "--budget", "8", "the blue sea"))
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"text", "tokens", "stats"}
+    assert payload["text"] == text and payload["tokens"] == tokens
+    assert set(payload["stats"]) == {
+        "method", "budget", "new_tokens", "target_passes", "tokens_per_pass", "tokens_per_s",
+        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes",
+    }
+    assert payload["stats"]["method"] == "specexec" and payload["stats"]["budget"] == 8
+    assert payload["stats"]["new_tokens"] == len(tokens)
+
+
+def test_config_file_and_environment_apply_with_flags_winning(tiny_dirs, tmp_path, monkeypatch):
+    config = tmp_path / "c.toml"
+    config.write_text(f'model = "{tiny_dirs["target"]}"\ndraft = "none"\nmax_new_tokens = 5\nmethod = "ar"\n')
+    monkeypatch.setenv("SPECCHAT_MAX_NEW_TOKENS", "7")
+    result = runner.invoke(app, ["run", "--config", str(config), "--json", "the sea"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["new_tokens"] == 7
+    result = runner.invoke(app, ["run", "--config", str(config), "--json", "--max-new-tokens", "3", "the sea"])
+    assert json.loads(result.stdout)["stats"]["new_tokens"] == 3
+
+
+BAD_INPUTS = [
+    # (id, extra args, stdin, config file text, expected fragment of the error line)
+    ("missing-path", ["--model", "/nonexistent/model.gguf"], None, None, "does not exist"),
+    ("unknown-name", ["--model", "no-such-model"], None, None, "unknown model 'no-such-model'"),
+    ("pickle", ["--model", "weights.bin"], None, None, "pickle checkpoint"),
+    ("tokenizer-mismatch", ["--draft", "ALIEN"], None, None, "does not share the target's tokenizer"),
+    ("empty-stdin", [], "   \n", None, "the prompt is empty"),
+    ("non-utf8-stdin", [], b"the sea \xff\xfe", None, "not UTF-8"),
+    ("too-long", ["LONG"], None, None, "prompt is"),
+    ("budget-zero", ["--budget", "0"], None, None, "budget must be >= 1"),
+    ("budget-negative", ["--budget", "-4"], None, None, "budget must be >= 1"),
+    ("max-new-negative", ["--max-new-tokens", "-1"], None, None, "max_new_tokens must be >= 1"),
+    ("top-p-zero", ["--top-p", "0"], None, None, "top_p must be in (0, 1]"),
+    ("top-p-big", ["--top-p", "1.5"], None, None, "top_p must be in (0, 1]"),
+    ("temperature-negative", ["--temperature", "-1"], None, None, "temperature must be >= 0"),
+    ("method", ["--method", "beam"], None, None, "--method must be one of"),
+    ("ram-budget", ["--ram-budget", "lots"], None, None, "not a size"),
+    ("config-toml", [], None, "model = [unclosed", "is not valid TOML"),
+    ("config-key", [], None, 'max_new_tokens = 4\ncolour = "blue"\n', "line 2: unknown key 'colour'"),
+    ("config-value", [], None, 'budget = "many"\n', "bad value for budget"),
+    ("config-missing", ["--config", "/nonexistent/specchat.toml"], None, None, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, case):
+    _, extra, stdin, config_text, fragment = case
+    extra = [str(tiny_dirs["alien"]) if a == "ALIEN" else a for a in extra]
+    extra = ["sea " * 600 if a == "LONG" else a for a in extra]
+    args = base_args(tiny_dirs, "--max-new-tokens", "4")
+    if "--model" in extra:
+        args = ["run", "--max-new-tokens", "4"]
+    if config_text is not None:
+        config = tmp_path / "config.toml"
+        config.write_text(config_text)
+        extra = ["--config", str(config), *extra]
+    if stdin is None and not any(a.startswith("sea ") for a in extra):
+        extra = [*extra, "the sea"]
+    result = runner.invoke(app, [*args, *extra], input=stdin)
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

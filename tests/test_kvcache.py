@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from specchat.kvcache import KVCache
+
+
+def _fill(cache: KVCache, values: list[float], layers: int = 2) -> None:
+    t = torch.tensor(values, dtype=torch.float64).view(1, 1, -1, 1)  # (1, heads, T, dim)
+    for layer in range(layers):
+        cache.update(t, -t, layer)
+
+
+def _keys(cache: KVCache, layer: int = 0) -> list[float]:
+    return cache._keys[layer][0, 0, : cache.length, 0].tolist()
+
+
+def test_update_returns_all_valid_slots_and_grows_capacity():
+    cache = KVCache(num_layers=2, initial_capacity=2)
+    _fill(cache, [1, 2, 3])
+    _fill(cache, [4, 5])
+    assert cache.length == 5
+    keys, values = cache.update(torch.ones(1, 1, 0, 1, dtype=torch.float64), torch.ones(1, 1, 0, 1, dtype=torch.float64), 0)
+    assert keys[0, 0, :, 0].tolist() == [1, 2, 3, 4, 5]
+    assert values[0, 0, :, 0].tolist() == [-1, -2, -3, -4, -5]
+
+
+def test_keep_moves_accepted_slots_behind_the_prefix_in_every_layer():
+    cache = KVCache(num_layers=2)
+    _fill(cache, [10, 11, 12, 20, 21, 22, 23])  # prefix of 3, then a 4-node tree
+    cache.keep(3, torch.tensor([3, 5, 6]))
+    assert cache.length == 6
+    for layer in range(2):
+        assert _keys(cache, layer) == [10, 11, 12, 20, 22, 23]
+        assert cache._values[layer][0, 0, :6, 0].tolist() == [-10, -11, -12, -20, -22, -23]
+
+
+def test_keep_nothing_drops_the_tree():
+    cache = KVCache(num_layers=1)
+    _fill(cache, [1, 2, 3, 4], layers=1)
+    cache.keep(2, torch.tensor([], dtype=torch.long))
+    assert _keys(cache) == [1, 2]
+
+
+def test_crop_rolls_back_and_appends_after():
+    cache = KVCache(num_layers=2)
+    _fill(cache, [1, 2, 3, 4])
+    cache.crop(2)
+    _fill(cache, [7])
+    assert _keys(cache) == [1, 2, 7]
+
+
+@pytest.mark.parametrize("length", [-1, 5])
+def test_crop_out_of_range_is_refused(length):
+    cache = KVCache(num_layers=1)
+    _fill(cache, [1, 2, 3], layers=1)
+    with pytest.raises(ValueError):
+        cache.crop(length)
+
+
+def test_keep_refuses_slots_inside_the_prefix_or_past_the_end():
+    cache = KVCache(num_layers=1)
+    _fill(cache, [1, 2, 3, 4], layers=1)
+    with pytest.raises(ValueError):
+        cache.keep(2, torch.tensor([1]))
+    with pytest.raises(ValueError):
+        cache.keep(2, torch.tensor([4]))
