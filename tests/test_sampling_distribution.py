@@ -1,0 +1,66 @@
+"""Sampled speculative decoding must follow the target's own distribution.
+
+For each method we draw the first two generated tokens 20,000 times and compare
+their joint histogram with the target's exact p(x1) * p(x2 | x1) by a
+chi-square test.  The draft is an unrelated random model, so rejections,
+residual draws and deeper acceptances all happen.
+"""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specchat.engine import Engine, GenerationConfig
+from specchat.lm import causal_visibility
+from specchat.sampling import SamplingParams, probabilities
+
+from tiny import CharTokenizer, tiny_lm
+
+DRAWS = 20_000
+PROMPT = [3, 1, 4]
+VOCAB = 12
+
+
+def exact_joint(target, sampling: SamplingParams) -> torch.Tensor:
+    """(V, V) exact probability of the first two tokens under the target."""
+    def next_probs(tokens):
+        ids = torch.tensor(tokens)
+        logits = target.forward(ids, torch.arange(len(tokens)), causal_visibility(0, len(tokens)), target.new_cache())
+        return probabilities(logits[-1:], sampling)[0]
+
+    first = next_probs(PROMPT)
+    joint = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    for x1 in range(VOCAB):
+        if first[x1] > 0:
+            joint[x1] = first[x1] * next_probs(PROMPT + [x1])
+    return joint
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer"])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_first_two_tokens_follow_the_target_distribution(method, temperature, top_p):
+    target = tiny_lm(0, vocab=VOCAB, layers=1)
+    draft = tiny_lm(1, vocab=VOCAB, layers=1)
+    with torch.no_grad():  # a flatter target, so that many cells have mass
+        target.lm_head.weight.mul_(0.25)
+    engine = Engine(target, draft, CharTokenizer(), [])
+    config = GenerationConfig(method=method, budget=6, draft_batch=3, max_new_tokens=2,
+                              temperature=temperature, top_p=top_p, seed=1234)
+    counts = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    generator = engine.generate  # one engine: the prompt's KV is reused on every draw
+    torch.manual_seed(0)
+    for draw in range(DRAWS):
+        done = list(generator(PROMPT, GenerationConfig(**{**config.__dict__, "seed": 1234 + draw})))[-1]
+        x1, x2 = done.token_ids
+        counts[x1, x2] += 1
+    expected = exact_joint(target, SamplingParams(temperature, top_p)) * DRAWS
+    assert counts[expected == 0].sum() == 0, "a token outside the target's support was produced"
+    observed, wanted = counts[expected > 0], expected[expected > 0]
+    # Pool the cells expected to be rare into one, as chi-square needs >= 5 per cell.
+    rare = wanted < 5
+    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
+    wanted = torch.cat([wanted[~rare], wanted[rare].sum().view(1)])
+    if wanted[-1] == 0:
+        observed, wanted = observed[:-1], wanted[:-1]
+    result = chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
+    assert result.pvalue > 0.01, (result, int((~rare).sum()))
