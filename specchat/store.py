@@ -1,0 +1,197 @@
+"""The layer store: each decoder layer's weights in one file, one sequential read per layer.
+
+Layout of a store directory::
+
+    manifest.json          written last; a directory without it is half-built
+    resident.safetensors   embeddings, final norm, LM head (stay in memory)
+    layer_000.bin ...      one per decoder layer: the layer's tensors back to back,
+                           each starting on a 4 KiB boundary, the file padded to
+                           4 KiB so it can be read with O_DIRECT in one request
+
+Every layer of a model has the same tensors with the same shapes, so one
+``layout`` (name, dtype, shape, offset) in the manifest serves all layer files.
+A layer file is written as ``.partial`` and renamed once complete, so a build
+interrupted by Ctrl-C or a full disk resumes from the first missing layer and
+never trusts a half-written one.  Each layer's CRC-32 is in the manifest and is
+checked on the first read of the layer in a process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptModel, ResourceError
+
+ALIGN = 4096
+FORMAT = 1
+MANIFEST = "manifest.json"
+RESIDENT = "resident.safetensors"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str  # relative to the layer, e.g. "self_attn.q_proj.weight"
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Store:
+    path: Path
+    num_layers: int
+    dtype: str  # storage dtype of the layer tensors
+    layer_bytes: int  # size of every layer file (padded)
+    layout: tuple[TensorSlot, ...]
+    crc32: tuple[int, ...]
+
+    def layer_file(self, index: int) -> Path:
+        return self.path / f"layer_{index:03d}.bin"
+
+    @property
+    def streamed_bytes(self) -> int:
+        return self.layer_bytes * self.num_layers
+
+
+def store_dir_for(root: Path, model_dir: Path, dtype: str) -> Path:
+    key = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:10]
+    return root / f"{model_dir.name}-{key}-{dtype}"
+
+
+def open_store(path: Path) -> Store:
+    """Load a complete store's manifest and check its files; a clear error otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptModel(f"layer store {path} is incomplete (no manifest)", "rebuild it with `specchat setup`")
+    try:
+        raw = json.loads(manifest_path.read_text())
+        store = Store(
+            path=path,
+            num_layers=raw["num_layers"],
+            dtype=raw["dtype"],
+            layer_bytes=raw["layer_bytes"],
+            layout=tuple(TensorSlot(s["name"], s["dtype"], tuple(s["shape"]), s["offset"], s["nbytes"]) for s in raw["layout"]),
+            crc32=tuple(raw["crc32"]),
+        )
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')} != {FORMAT}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptModel(f"layer store manifest {manifest_path} is damaged ({exc})", f"delete {path} and rebuild") from exc
+    if not (path / RESIDENT).is_file():
+        raise CorruptModel(f"layer store {path} lacks {RESIDENT}", f"delete {path} and rebuild")
+    for index in range(store.num_layers):
+        file = store.layer_file(index)
+        size = file.stat().st_size if file.is_file() else -1
+        if size != store.layer_bytes:
+            raise CorruptModel(
+                f"layer store file {file} is {'missing' if size < 0 else f'truncated ({size} of {store.layer_bytes} bytes)'}",
+                f"delete {path} and rebuild it with `specchat setup`",
+            )
+    return store
+
+
+def build_store(
+    model_dir: Path, path: Path, dtype: str = "float16", progress: Callable[[int, int], None] | None = None
+) -> Store:
+    """Write (or finish writing) the store of the safetensors model in ``model_dir``."""
+    if (path / MANIFEST).is_file():
+        return open_store(path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"store dtype must be one of {', '.join(_DTYPES)}")
+    target_dtype = _DTYPES[dtype]
+    files = sorted(model_dir.glob("*.safetensors"))
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: h for h in handles for name in h.keys()}
+    config = json.loads((model_dir / "config.json").read_text())
+    num_layers = int(config["num_hidden_layers"])
+    prefix = "model.layers.{}."
+    layer0 = sorted(n[len(prefix.format(0)) :] for n in where if n.startswith(prefix.format(0)))
+    layout, offset = [], 0
+    for name in layer0:
+        shape = tuple(where[prefix.format(0) + name].get_slice(prefix.format(0) + name).get_shape())
+        nbytes = torch.Size(shape).numel() * torch.finfo(target_dtype).bits // 8
+        layout.append(TensorSlot(name, dtype, shape, offset, nbytes))
+        offset = _align(offset + nbytes)
+    layer_bytes = _align(offset)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.partial"):  # left by an interrupted build
+        stale.unlink()
+    _check_disk(path, layer_bytes * num_layers)
+    crcs = []
+    for index in range(num_layers):
+        final = path / f"layer_{index:03d}.bin"
+        tensors = [where[prefix.format(index) + s.name].get_tensor(prefix.format(index) + s.name) for s in layout]
+        blob = bytearray(layer_bytes)
+        for slot, tensor in zip(layout, tensors):
+            if tuple(tensor.shape) != slot.shape:
+                raise CorruptModel(f"layer {index} tensor {slot.name} has shape {tuple(tensor.shape)}, expected {slot.shape}")
+            data = tensor.to(target_dtype).contiguous().view(torch.uint8).numpy().tobytes()
+            blob[slot.offset : slot.offset + slot.nbytes] = data
+        crcs.append(zlib.crc32(blob))
+        if not (final.is_file() and final.stat().st_size == layer_bytes):
+            _write_atomically(final, blob)
+        if progress:
+            progress(index + 1, num_layers)
+    resident = {
+        name: where[name].get_tensor(name).to(target_dtype).contiguous()
+        for name in where
+        if not name.startswith("model.layers.")
+    }
+    partial = path / (RESIDENT + ".partial")
+    save_file(resident, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path / RESIDENT)
+    shutil.copy(model_dir / "config.json", path / "config.json")
+    manifest = {
+        "format": FORMAT,
+        "source": str(model_dir),
+        "num_layers": num_layers,
+        "dtype": dtype,
+        "layer_bytes": layer_bytes,
+        "layout": [slot.__dict__ | {"shape": list(slot.shape)} for slot in layout],
+        "crc32": crcs,
+    }
+    _write_atomically(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return open_store(path)
+
+
+def _write_atomically(final: Path, data: bytes) -> None:
+    partial = final.with_name(final.name + ".partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise ResourceError(f"the disk filled up while writing {final}", "free some space and run again; the build resumes") from exc
+        raise
+
+
+def _check_disk(path: Path, needed: int) -> None:
+    existing = sum(f.stat().st_size for f in path.glob("layer_*.bin"))
+    free = shutil.disk_usage(path).free
+    if free < needed - existing:
+        raise ResourceError(
+            f"not enough disk for the layer store: {(needed - existing) / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free at {path}",
+            "free some space or choose another --store",
+        )

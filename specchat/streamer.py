@@ -1,0 +1,151 @@
+"""Streaming decoder layers from the layer store through a ring of preallocated slots.
+
+A slot is one decoder-layer module in the compute dtype plus a page-aligned
+read buffer.  While the caller computes layer j in one slot, a reader thread
+fills the next slot with layer j+1: it reads the layer file (O_DIRECT where
+the filesystem allows it, otherwise a buffered read followed by
+POSIX_FADV_DONTNEED, so that the page cache cannot quietly turn SSD mode into
+RAM mode) and copies the tensors into the slot's parameters, converting
+16-bit storage to the compute dtype.
+
+Layers listed as resident (those that fit ``--ram-budget``) are loaded once and
+never read again.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .errors import CorruptModel
+from .store import Store, _DTYPES
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class LayerSlot:
+    def __init__(self, module: nn.Module, store: Store) -> None:
+        self.module = module
+        self.buffer = mmap.mmap(-1, store.layer_bytes)  # page-aligned, as O_DIRECT needs
+        self.params = dict(module.named_parameters())
+        self.views = [(self.params[s.name], _stored_view(self.buffer, s)) for s in store.layout]
+
+
+class StoreReader:
+    """Reads whole layer files, bypassing the page cache."""
+
+    def __init__(self, store: Store, direct: bool = True) -> None:
+        self.store = store
+        self.direct = direct and bool(O_DIRECT)
+        self.bytes = 0  # bytes requested from the store so far
+        self._verified: set[int] = set()
+
+    def read_into(self, index: int, buffer: mmap.mmap) -> None:
+        path = self.store.layer_file(index)
+        fd = self._open(path)
+        try:
+            view = memoryview(buffer)
+            done = 0
+            while done < self.store.layer_bytes:
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise CorruptModel(f"layer store file {path} is truncated", "rebuild the store with `specchat setup`")
+                done += n
+            if not self.direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        self.bytes += self.store.layer_bytes
+        if index not in self._verified:
+            if zlib.crc32(buffer) != self.store.crc32[index]:
+                raise CorruptModel(f"layer store file {path} is corrupt (checksum mismatch)", f"delete {self.store.path} and rebuild it")
+            self._verified.add(index)
+
+    def _open(self, path) -> int:
+        if self.direct:
+            try:
+                return os.open(path, os.O_RDONLY | O_DIRECT)
+            except OSError:
+                self.direct = False  # e.g. tmpfs: fall back to buffered + DONTNEED
+        return os.open(path, os.O_RDONLY)
+
+
+class StreamedLayers:
+    """A :class:`~specchat.lm.LayerSource` over a store, with a ring of >= 2 slots."""
+
+    def __init__(
+        self,
+        store: Store,
+        make_layer,  # (layer index) -> nn.Module in the compute dtype, uninitialised
+        resident: set[int] = frozenset(),
+        ring: int = 2,
+        direct: bool = True,
+    ) -> None:
+        self.store = store
+        self.reader = StoreReader(store, direct)
+        self.streamed = [i for i in range(store.num_layers) if i not in resident]
+        self.resident: dict[int, nn.Module] = {}
+        for index in sorted(resident):
+            slot = LayerSlot(make_layer(index), store)
+            self._fill(slot, index)
+            self.resident[index] = slot.module
+            slot.buffer.close()
+        self.slots = [LayerSlot(make_layer(0), store) for _ in range(min(ring, max(len(self.streamed), 1)))]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specchat-reader")
+
+    def _fill(self, slot: LayerSlot, index: int) -> LayerSlot:
+        self.reader.read_into(index, slot.buffer)
+        with torch.no_grad():
+            for param, stored in slot.views:
+                param.copy_(stored)  # (shape) 16-bit -> compute dtype
+        _set_layer_index(slot.module, index)
+        return slot
+
+    def layers(self) -> Iterator[nn.Module]:
+        pending: dict[int, Future] = {}
+        order = self.streamed
+        for k, index in enumerate(order[: len(self.slots)]):
+            pending[index] = self._pool.submit(self._fill, self.slots[k], index)
+        position = 0
+        try:
+            for index in range(self.store.num_layers):
+                if index in self.resident:
+                    _set_layer_index(self.resident[index], index)
+                    yield self.resident[index]
+                    continue
+                slot = pending.pop(index).result()
+                yield slot.module
+                # The caller is done with this slot: start the layer that will reuse it.
+                following = position + len(self.slots)
+                if following < len(order):
+                    pending[order[following]] = self._pool.submit(self._fill, slot, order[following])
+                position += 1
+        finally:
+            for future in pending.values():  # an interrupted pass: let reads finish, drop them
+                future.exception()
+
+    def bytes_read(self) -> int:
+        return self.reader.bytes
+
+    def resident_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.resident.values() for p in m.parameters())
+
+
+def _stored_view(buffer: mmap.mmap, slot) -> torch.Tensor:
+    """The tensor ``slot`` inside a layer buffer, without copying."""
+    dtype = _DTYPES[slot.dtype]
+    count = slot.nbytes * 8 // torch.finfo(dtype).bits
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=slot.offset).view(slot.shape)
+
+
+def _set_layer_index(module: nn.Module, index: int) -> None:
+    """Point the slot's attention at layer ``index`` of the KV cache."""
+    attention = getattr(module, "self_attn", None)
+    if attention is not None:
+        attention.layer_idx = index

@@ -1,0 +1,121 @@
+"""The layer store and the SSD streamer: streamed forward == resident forward, bytes really read."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from specchat.errors import CorruptModel
+from specchat.iostats import disk_read_bytes
+from specchat.lm import LayeredLM, causal_visibility
+from specchat.loading import load_resident
+from specchat.offload import layer_compute_bytes, load_streamed, plan_offload
+from specchat.store import MANIFEST, build_store, open_store
+
+from tiny import tiny_hf
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("offload") / "model"
+    model = tiny_hf(4, arch="qwen2", layers=4, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def logits(lm: LayeredLM, ids) -> torch.Tensor:
+    ids = torch.tensor(ids)
+    return lm.forward(ids, torch.arange(len(ids)), causal_visibility(0, len(ids)), lm.new_cache())
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("float16", 2e-2), ("bfloat16", 1e-1)])
+@pytest.mark.parametrize("resident_layers", [0, 2])
+def test_streamed_forward_equals_resident_forward(model_dir, tmp_path, dtype, atol, resident_layers):
+    store = build_store(model_dir, tmp_path / "store", dtype)
+    streamed = load_streamed(store, torch.float32, resident_layers=resident_layers)
+    resident = load_resident(model_dir, torch.float32).lm
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    assert torch.allclose(logits(streamed, ids), logits(resident, ids), atol=atol)
+    # A second pass through the same ring (slots reused) gives the same answer.
+    assert torch.equal(logits(streamed, ids), logits(streamed, ids))
+
+
+def test_streamed_forward_with_a_cache_and_a_tree_mask(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float32")
+    streamed, resident = load_streamed(store), load_resident(model_dir).lm
+    for lm in (streamed, resident):
+        cache = lm.new_cache()
+        lm.forward(torch.tensor([1, 2, 3]), torch.arange(3), causal_visibility(0, 3), cache)
+        visible = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+        lm.tree_logits = lm.forward(torch.tensor([7, 8, 9]), torch.tensor([3, 4, 4]), visible, cache)
+    assert torch.allclose(streamed.tree_logits, resident.tree_logits, atol=1e-6)
+
+
+def test_ssd_mode_reads_the_streamed_layers_every_pass(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float16")
+    streamed = load_streamed(store, resident_layers=1)
+    logits(streamed, [1, 2])  # first pass also verifies checksums
+    before, requested = disk_read_bytes(), streamed.bytes_read()
+    for _ in range(3):
+        logits(streamed, [1, 2, 3])
+    expected = 3 * 3 * store.layer_bytes  # 3 passes x 3 streamed layers
+    assert streamed.bytes_read() - requested == expected
+    if os.path.exists("/proc/self/io"):
+        assert abs((disk_read_bytes() - before) - expected) <= 0.1 * expected
+
+
+def test_store_build_resumes_and_never_trusts_a_half_written_store(model_dir, tmp_path):
+    path = tmp_path / "store"
+    store = build_store(model_dir, path, "float16")
+    (path / MANIFEST).unlink()
+    (path / "layer_002.bin").unlink()
+    (path / "layer_003.bin.partial").write_bytes(b"junk")
+    with pytest.raises(CorruptModel, match="incomplete"):
+        open_store(path)
+    rebuilt = build_store(model_dir, path, "float16")
+    assert rebuilt == store
+    assert not list(path.glob("*.partial"))
+
+
+def test_truncated_and_corrupt_layer_files_are_refused(model_dir, tmp_path):
+    path = tmp_path / "store"
+    build_store(model_dir, path, "float16")
+    layer = path / "layer_001.bin"
+    data = layer.read_bytes()
+    layer.write_bytes(data[:-4096])
+    with pytest.raises(CorruptModel, match="truncated"):
+        open_store(path)
+    layer.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    streamed = load_streamed(open_store(path))
+    with pytest.raises(CorruptModel, match="checksum"):
+        logits(streamed, [1, 2])
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(CorruptModel, match="damaged"):
+        open_store(path)
+
+
+@pytest.mark.parametrize(
+    "mode, model_gb, ram_gb, budget_gb, expected_mode, expected_resident",
+    [
+        ("auto", 4, 16, None, "none", 10),
+        ("auto", 40, 16, None, "ssd", 2),  # half the RAM less two ring slots = 4 GB: two 2 GB layers
+        ("auto", 4, 16, 1.0, "ssd", 0),
+        ("ssd", 4, 16, 5.0, "ssd", 2),
+        ("ssd", 4, 16, 100.0, "ssd", 10),
+        ("none", 40, 16, None, "none", 10),
+    ],
+)
+def test_offload_plan(mode, model_gb, ram_gb, budget_gb, expected_mode, expected_resident):
+    gb = 10**9
+    budget = int(budget_gb * gb) if budget_gb is not None else None
+    plan = plan_offload(mode, 10, 2 * gb, model_gb * gb, ram_gb * gb, budget)
+    assert (plan.mode, plan.resident_layers) == (expected_mode, expected_resident)
+
+
+def test_layer_compute_bytes_counts_every_parameter(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float16")
+    resident = load_resident(model_dir).lm
+    layer = next(resident.layer_source.layers())
+    assert layer_compute_bytes(store, torch.float32) == sum(p.numel() * 4 for p in layer.parameters())
