@@ -18,7 +18,7 @@ from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
 
 QUANTS = ("auto", "16bit")
-OFFLOADS = ("auto", "none")
+OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

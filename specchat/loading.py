@@ -21,9 +21,14 @@ class LoadedModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        ids = set()
-        generation = getattr(self.lm, "generation_eos", None) or []
-        ids.update(generation)
+        """End-of-turn ids: the generation config's (often several) plus the tokenizer's."""
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.path).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        ids = {eos} if isinstance(eos, int) else set(eos or [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
@@ -37,6 +42,23 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def check_architecture(path: Path):
+    """The model's config, if specchat can run its architecture; a clear error otherwise."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # a damaged or foreign config.json
+        raise CorruptModel(f"cannot read {path / 'config.json'}: {exc}", "re-download the model") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise CorruptModel(
+            f"architecture {config.model_type!r} is not supported",
+            f"specchat runs {', '.join(SUPPORTED_ARCHITECTURES)} models",
+        )
+    return config
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -48,27 +70,15 @@ def load_tokenizer(path: Path):
 
 def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """The whole model on ``device`` in ``dtype``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:
-        raise CorruptModel(f"cannot read {path / 'config.json'}: {exc}", "re-download the model") from exc
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise CorruptModel(
-            f"architecture {config.model_type!r} is not supported",
-            f"specchat runs {', '.join(SUPPORTED_ARCHITECTURES)} models",
-        )
+    check_architecture(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except Exception as exc:  # safetensors/transformers raise many types for a damaged file
         raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
     model.to(device).eval()
-    lm = LayeredLM(model)
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    lm.generation_eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return LoadedModel(lm, load_tokenizer(path), path)
+    return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str) -> None:

@@ -13,9 +13,12 @@ import torch
 from .config import RunConfig
 from .engine import Engine
 from .errors import InputError, ModelNotFound, ResourceError, SpecchatError
-from .loading import LoadedModel, check_same_tokenizer, load_resident
+from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer
+from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
+from .paths import cache_dir
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, Progress, materialize, parse_model_spec
+from .store import build_store, store_dir_for
 
 COMPUTE_DTYPE = torch.float32  # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX/bf16 units
 RAM_HEADROOM = 1.1  # activations, KV cache and allocator slack over the raw weights
@@ -29,6 +32,7 @@ class Pipeline:
     target_name: str
     draft_name: str | None
     draft_reason: str
+    offload: OffloadPlan
 
     @property
     def tokenizer(self):
@@ -63,14 +67,23 @@ def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
     return total * torch.finfo(dtype).bits // 8
 
 
-def _preflight(target_dir: Path, draft_dir: Path | None) -> None:
-    needed = resident_bytes(target_dir) + (resident_bytes(draft_dir) if draft_dir else 0)
+def stored_dtype(model_dir: Path) -> str:
+    """The 16-bit dtype the layer store keeps: the model's own, bf16 for a float32 model."""
+    for file in model_dir.glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        dtypes = {info["dtype"] for name, info in header.items() if name != "__metadata__"}
+        return "float16" if dtypes == {"F16"} else "bfloat16"
+    return "bfloat16"
+
+
+def _check_ram(needed: int, what: str) -> None:
     available = psutil.virtual_memory().available
     if needed * RAM_HEADROOM > available:
         raise ResourceError(
-            f"not enough RAM to hold the models: {needed * RAM_HEADROOM / 1e9:.1f} GB needed, "
-            f"{available / 1e9:.1f} GB available",
-            "close other programs or choose a smaller model (see `specchat models`)",
+            f"not enough RAM to {what}: {needed * RAM_HEADROOM / 1e9:.1f} GB needed, {available / 1e9:.1f} GB available",
+            "use --offload ssd with a smaller --ram-budget, close other programs, or pick a smaller model",
         )
 
 
@@ -102,22 +115,53 @@ def _choose_draft(
     )
 
 
+def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress: Progress) -> tuple[LoadedModel, OffloadPlan]:
+    model_bytes = resident_bytes(target_dir)
+    hf_config = check_architecture(target_dir)
+    layers = int(hf_config.num_hidden_layers)
+    mode = "none" if config.offload == "ram" else config.offload  # on a CPU, RAM offload is residency
+    available = max(psutil.virtual_memory().available - draft_bytes, 0)
+    plan = plan_offload(mode, layers, model_bytes // layers, model_bytes, available, config.ram_budget)
+    if plan.mode == "none":
+        _check_ram(model_bytes + draft_bytes, "hold the models")
+        return load_resident(target_dir, COMPUTE_DTYPE), plan
+    dtype = stored_dtype(target_dir)
+    store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, dtype)
+    store = build_store(target_dir, store_path, dtype, _store_progress(progress))
+    per_layer = layer_compute_bytes(store, COMPUTE_DTYPE)
+    plan = plan_offload("ssd", layers, per_layer, model_bytes, available, config.ram_budget)
+    streamed_ring = 2 * per_layer
+    _check_ram(plan.resident_layers * per_layer + streamed_ring + (model_bytes - layers * per_layer) + draft_bytes, "stream the target")
+    lm = load_streamed(store, COMPUTE_DTYPE, resident_layers=plan.resident_layers)
+    return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan
+
+
+def _store_progress(progress: Progress):
+    def report(done: int, total: int) -> None:
+        if done == 1 or done == total or done % 8 == 0:
+            progress(f"building the layer store: {done}/{total} layers")
+
+    return report
+
+
 def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     registry = load_registry()
     target_ref = parse_model_spec(config.model, registry)
     target_dir = materialize(target_ref, progress)
     draft_ref, draft_dir, reason = _choose_draft(config, target_ref, registry, progress)
-    _preflight(target_dir, draft_dir)
+    draft_bytes = resident_bytes(draft_dir) if draft_dir else 0
+    if draft_dir is not None:  # refuse a mismatched draft before loading gigabytes
+        check_same_tokenizer(load_tokenizer(target_dir), load_tokenizer(draft_dir), draft_ref.display)
     progress(f"loading {target_ref.display}")
-    target = load_resident(target_dir, COMPUTE_DTYPE)
+    target, plan = _load_target(config, target_dir, draft_bytes, progress)
+    progress(plan.reason)
     draft = None
     if draft_dir is not None:
         progress(f"loading {draft_ref.display}")
         draft = load_resident(draft_dir, COMPUTE_DTYPE)
-        check_same_tokenizer(target.tokenizer, draft.tokenizer, draft_ref.display)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     return Pipeline(
-        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason
+        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan
     )
 
 
