@@ -24,6 +24,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Target: registry name, hub id, directory or .gguf. Default: configured model, else demo.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name, hub id, path, 'auto' or 'none'.")]
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: auto or 16bit.")]
+DraftQuantOpt = Annotated[Optional[str], typer.Option("--draft-quant", help="Draft weights: int8 (dynamic, fast on CPU) or none.")]
 OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto or none (all resident).")]
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
@@ -58,6 +59,7 @@ def run(
     config: ConfigOpt = None,
     model: ModelOpt = None,
     draft: DraftOpt = None,
+    draft_quant: DraftQuantOpt = None,
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
     ram_budget: RamBudgetOpt = None,
@@ -76,7 +78,7 @@ def run(
     from .oneshot import read_prompt, run_oneshot, stderr_progress
 
     flags = dict(
-        model=model, draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget, store=store,
         method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, system=system,
     )

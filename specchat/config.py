@@ -18,6 +18,7 @@ from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
 
 QUANTS = ("auto", "16bit")
+DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -42,6 +43,7 @@ class RunConfig:
     model: str = "demo"  # registry name, hub id, directory or .gguf
     draft: str = "auto"  # registry name, hub id, path, "auto" or "none"
     quant: str = "auto"  # precision of the target's weights
+    draft_quant: str = "int8"  # the draft's weights on a CPU: dynamic int8, or as stored
     offload: str = "auto"  # where the target's layers live
     ram_budget: int | None = None  # bytes of RAM resident layers may use
     store: Path | None = None  # layer store directory
@@ -59,6 +61,7 @@ class RunConfig:
         _choice("method", self.method, METHODS)
         _choice("quant", self.quant, QUANTS)
         _choice("offload", self.offload, OFFLOADS)
+        _choice("draft_quant", self.draft_quant, DRAFT_QUANTS)
         if self.ram_budget is not None and self.ram_budget <= 0:
             raise ConfigError(f"--ram-budget must be positive, got {self.ram_budget}")
         try:

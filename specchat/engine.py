@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,6 +52,7 @@ class GenerationConfig:
     seed: int | None = None
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
+    adaptive: bool = True  # SpecExec: stop growing when a draft step costs more than it adds
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +71,10 @@ class GenerationConfig:
         return GrowthParams(self.budget, self.max_depth, self.draft_batch)
 
 
+def _running_mean(previous: float | None, sample: float, weight: float = 0.3) -> float:
+    return sample if previous is None else (1 - weight) * previous + weight * sample
+
+
 class Engine:
     def __init__(
         self,
@@ -85,6 +90,10 @@ class Engine:
         self.target_cache = target.new_cache()
         self.draft_cache = draft.new_cache() if draft is not None else None
         self.tokens: list[int] = []  # the conversation both caches describe
+        self.last_draft_forwards = 0  # draft forwards spent growing the last tree
+        # Running costs (seconds) that SpecExec's adaptive stop weighs; None until measured.
+        self._draft_step_s: float | None = None
+        self._target_pass_s: dict[int, float] = {}  # by budget
 
     # -- public ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Event]:
@@ -166,14 +175,20 @@ class Engine:
 
         started = time.perf_counter()
         if config.method == "specexec":
-            tree, _ = grow_specexec(self.draft, self.draft_cache, self.tokens, config.growth, sampling)
+            growth = replace(
+                config.growth,
+                draft_step_s=self._draft_step_s,
+                target_pass_s=self._target_pass_s.get(config.budget),
+            ) if config.adaptive else config.growth
+            tree, self.last_draft_forwards = grow_specexec(self.draft, self.draft_cache, self.tokens, growth, sampling)
             walk = walk_specexec
         else:
-            tree, _ = grow_specinfer(
+            tree, self.last_draft_forwards = grow_specinfer(
                 self.draft, self.draft_cache, self.tokens, config.growth, sampling, generator
             )
             walk = walk_specinfer
         draft_s = time.perf_counter() - started
+        self._draft_step_s = _running_mean(self._draft_step_s, draft_s / max(self.last_draft_forwards, 1))
 
         started = time.perf_counter()
         prefix = self.target_cache.length  # = len(tokens) - 1
@@ -185,6 +200,7 @@ class Engine:
         draft_slots = tree.draft_slots[torch.tensor(path)]
         self.draft_cache.keep(prefix, draft_slots[draft_slots >= 0])
         target_s = time.perf_counter() - started
+        self._target_pass_s[config.budget] = _running_mean(self._target_pass_s.get(config.budget), target_s)
         new = tree.tokens[torch.tensor(accepted, dtype=torch.long)].tolist() + [drawn]
         return new, tree.size - 1, draft_s, target_s
 

@@ -33,6 +33,21 @@ class GrowthParams:
     max_depth: int = 32  # no node deeper than this
     batch: int = 16  # nodes expanded per draft forward (SpecExec)
     max_steps: int = 64  # draft forwards per tree at most (SpecExec)
+    # Measured costs (seconds) for the adaptive stop; None until the engine has timed a pass.
+    draft_step_s: float | None = None
+    target_pass_s: float | None = None
+
+    def step_pays_off(self, frontier_mass: float, expected_tokens: float, steps_done: int) -> bool:
+        """Is one more draft step worth its time?
+
+        Throughput is E / (T_target + n * t_step).  A step over nodes of total
+        path probability m adds at most m expected tokens, so it pays off while
+        m / E > t_step / (T_target + n * t_step).
+        """
+        if self.draft_step_s is None or self.target_pass_s is None:
+            return True
+        spent = self.target_pass_s + steps_done * self.draft_step_s
+        return frontier_mass * spent > expected_tokens * self.draft_step_s
 
 
 def grow_specexec(
@@ -60,6 +75,11 @@ def grow_specexec(
             break
         frontier.sort(key=lambda n: (-builder.scores[n], n))
         nodes = frontier[: growth.batch]
+        kept = _best_nodes(builder.scores, budget)[1:]
+        expected = 1.0 + sum(math.exp(builder.scores[n]) for n in kept)  # draft's estimate of tokens per pass
+        mass = sum(math.exp(builder.scores[n]) for n in nodes)
+        if not growth.step_pays_off(mass, expected, builder.draft_forwards):
+            break
         scores = draft_log_scores(builder.expand(nodes), sampling)  # (B, V)
         _offer_children(builder, nodes, scores, budget, threshold)
     return builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards

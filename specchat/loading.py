@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import CorruptModel, InputError
-from .lm import LayeredLM
+from .lm import LayeredLM, ResidentLayers
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
 
@@ -79,6 +80,26 @@ def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = 
         raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
     model.to(device).eval()
     return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
+
+
+def quantize_int8(lm: LayeredLM) -> LayeredLM:
+    """Dynamic int8 weights for every Linear of a resident model (CPU; ~5x faster draft steps).
+
+    Used for the draft only: the draft merely proposes, so its precision changes
+    how many tokens are accepted, never what the target outputs.
+    """
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = nn.ModuleList(lm.layer_source.layers())
+        quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        head = quantize_dynamic(nn.Sequential(lm.lm_head), {nn.Linear}, dtype=torch.qint8)
+    lm.layer_source = ResidentLayers(layers)
+    lm.lm_head = head[0]
+    return lm
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str) -> None:

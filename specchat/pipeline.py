@@ -13,7 +13,7 @@ import torch
 from .config import RunConfig
 from .engine import Engine
 from .errors import InputError, ModelNotFound, ResourceError, SpecchatError
-from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer
+from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
 from .paths import cache_dir
 from .registry import ModelEntry, load_registry
@@ -159,6 +159,8 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     if draft_dir is not None:
         progress(f"loading {draft_ref.display}")
         draft = load_resident(draft_dir, COMPUTE_DTYPE)
+        if config.draft_quant == "int8":
+            quantize_int8(draft.lm)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     return Pipeline(
         engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan

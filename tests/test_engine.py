@@ -67,7 +67,7 @@ def test_draft_equal_to_target_accepts_the_whole_deepest_path(method):
     target = peaked(0)
     budget, max_depth = 12, 6
     engine = Engine(target, target, CharTokenizer(), [])
-    done, passes = run(engine, [1, 2, 3], method=method, budget=budget, max_depth=max_depth, max_new_tokens=70)
+    done, passes = run(engine, [1, 2, 3], method=method, budget=budget, max_depth=max_depth, max_new_tokens=70, adaptive=False)
     depth = max_depth if method == "specexec" else 3  # specinfer's 12-node tree: 2+4+6 nodes, depth 3
     assert [p.accepted for p in passes[:-1]] == [depth] * (len(passes) - 1)
     assert done.token_ids == ar_tokens(target, [1, 2, 3], 70)
