@@ -25,7 +25,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Target: regist
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name, hub id, path, 'auto' or 'none'.")]
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: auto or 16bit.")]
 DraftQuantOpt = Annotated[Optional[str], typer.Option("--draft-quant", help="Draft weights: int8 (dynamic, fast on CPU) or none.")]
-OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto or none (all resident).")]
+OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto, none (resident), ram (resident on a CPU) or ssd (streamed from the layer store).")]
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
@@ -86,6 +86,55 @@ def run(
         settings = build_config(flags, config, config_file())
         text = read_prompt(prompt, sys.stdin)
         run_oneshot(settings, text, json_output, sys.stdout, sys.stderr, stderr_progress)
+
+
+def _split(text: str, kind, what: str) -> tuple:
+    from .errors import ConfigError
+
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--{what} must be a comma-separated list, got {text!r}") from exc
+
+
+@app.command()
+def bench(
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompts (MT-Bench {\"turns\": [...]} or {\"prompt\": ...}). Default: MT-Bench first turns.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of prompts.")] = 20,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "specexec,specinfer,ar",
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated tree budgets.")] = "16,64,256",
+    temperatures: Annotated[str, typer.Option("--temperatures", help="Comma-separated temperatures.")] = "0,0.6",
+    top_p: Annotated[float, typer.Option("--top-p", help="Top-p for temperatures above 0.")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    draft: DraftOpt = None,
+    draft_quant: DraftQuantOpt = None,
+    offload: OffloadOpt = None,
+    ram_budget: RamBudgetOpt = None,
+    store: StoreOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure tokens per pass and tokens/s of each method and budget on a prompt set."""
+    from .benchcmd import run_bench_command
+
+    flags = dict(model=model, draft=draft, draft_quant=draft_quant, offload=offload, ram_budget=ram_budget, store=store)
+    with error_boundary(debug):
+        settings = build_config(flags, config, config_file())
+        run_bench_command(
+            settings,
+            prompts_file=prompts,
+            n=n,
+            methods=_split(methods, str, "methods"),
+            budgets=_split(budgets, int, "budgets"),
+            temperatures=_split(temperatures, float, "temperatures"),
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            as_json=json_output,
+        )
 
 
 def main() -> None:

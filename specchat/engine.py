@@ -106,6 +106,7 @@ class Engine:
         try:
             prefill_tokens = self._sync(list(prompt_ids))
             prefill_s = time.perf_counter() - start_time
+            decode_start_bytes = disk_read_bytes()
             budget = config.max_new_tokens
             budget = min(budget, self.target.max_context - len(self.tokens) - config.max_depth - 1)
             stream = TextStream(self.tokenizer, config.stop)
@@ -145,6 +146,7 @@ class Engine:
                 draft_s=draft_total,
                 target_s=target_total,
                 disk_read_bytes=disk_read_bytes() - start_bytes,
+                decode_read_bytes=disk_read_bytes() - decode_start_bytes,
                 finish_reason=finish,
             )
             yield DoneEvent(stream.text, tuple(new_ids), stats)

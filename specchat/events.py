@@ -30,7 +30,8 @@ class GenerationStats:
     prefill_s: float
     draft_s: float
     target_s: float
-    disk_read_bytes: int
+    disk_read_bytes: int  # storage bytes read during the whole request
+    decode_read_bytes: int  # of which after the prefill: the streamed target's passes
     finish_reason: str  # "eos" | "length" | "stop" | "interrupted"
 
     def to_dict(self) -> dict:

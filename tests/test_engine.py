@@ -189,3 +189,16 @@ def test_bad_requests_raise_engine_errors(prompt, config, message):
 def test_bad_generation_config_is_refused(field, value):
     with pytest.raises(ValueError):
         GenerationConfig(**{field: value})
+
+
+def test_an_int8_draft_changes_acceptance_never_the_output():
+    from specchat.loading import quantize_int8
+
+    target = LayeredLM(tiny_hf(0, dtype=torch.float32))
+    draft = quantize_int8(LayeredLM(tiny_hf(0, dtype=torch.float32)))
+    expected = ar_tokens(target, [1, 2, 3], 40)
+    done, _ = run(Engine(target, draft, CharTokenizer(), []), [1, 2, 3], budget=16, max_new_tokens=40, adaptive=False)
+    assert done.token_ids == expected
+    original = LayeredLM(tiny_hf(0, dtype=torch.float32))
+    reference, _ = run(Engine(target, original, CharTokenizer(), []), [1, 2, 3], budget=16, max_new_tokens=40, adaptive=False)
+    assert done.stats.tokens_per_pass >= 0.8 * reference.stats.tokens_per_pass > 1.5
