@@ -88,6 +88,38 @@ def run(
         run_oneshot(settings, text, json_output, sys.stdout, sys.stderr, stderr_progress)
 
 
+@app.command()
+def chat(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    draft: DraftOpt = None,
+    draft_quant: DraftQuantOpt = None,
+    quant: QuantOpt = None,
+    offload: OffloadOpt = None,
+    ram_budget: RamBudgetOpt = None,
+    store: StoreOpt = None,
+    method: MethodOpt = None,
+    budget: BudgetOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    system: SystemOpt = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a session saved with /save.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Hold a conversation. Reads one message per line when stdin is not a terminal."""
+    from .chatcmd import run_chat
+
+    flags = dict(
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget,
+        store=store, method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
+        max_new_tokens=max_new_tokens, system=system,
+    )
+    with error_boundary(debug):
+        run_chat(build_config(flags, config, config_file()), resume)
+
+
 def _split(text: str, kind, what: str) -> tuple:
     from .errors import ConfigError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +61,21 @@ def check_architecture(path: Path):
     return config
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    """The tokenizer the model ships.  A generic fast tokenizer is loaded as such: AutoTokenizer
+    would otherwise pick the class of the model type and replace its decoder."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        declared = None
+    loader = PreTrainedTokenizerFast if declared in GENERIC_TOKENIZER_CLASSES else AutoTokenizer
+    try:
+        return loader.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a broken tokenizer
         raise CorruptModel(f"cannot load the tokenizer in {path}: {exc}", "re-download or re-convert the model") from exc
 

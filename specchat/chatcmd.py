@@ -1,0 +1,32 @@
+"""The `chat` command: load once, optionally resume a saved session, then hand over to the REPL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .chat import ChatSession, load_session
+from .config import RunConfig
+from .oneshot import stderr_progress
+from .paths import state_dir
+from .pipeline import load_pipeline
+from .repl import Repl, pipe_reader, terminal_reader
+
+
+def run_chat(settings: RunConfig, resume: Path | None) -> None:
+    pipeline = load_pipeline(settings, stderr_progress)
+    stderr_progress(pipeline.draft_reason)
+    session = ChatSession(pipeline, settings.generation(), system=settings.system)
+    if resume is not None:
+        load_session(session, resume)
+        stderr_progress(f"resumed {len(session.messages)} messages from {resume}")
+    if sys.stdin.isatty():
+        console = Console()
+        console.print(f"specchat chat with {pipeline.target_name}; /help for commands, Ctrl-D to leave", style="dim")
+        reader = terminal_reader(state_dir() / "history")
+    else:
+        console = Console(file=sys.stdout, force_terminal=False, no_color=True, soft_wrap=True)
+        reader = pipe_reader(sys.stdin)
+    Repl(session, console, reader).run()
