@@ -120,6 +120,76 @@ def chat(
         run_chat(build_config(flags, config, config_file()), resume)
 
 
+@app.command()
+def detect(
+    store: StoreOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the facts and advice as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Report CPU, RAM, GPUs and disk (measured read bandwidth), and what to run here."""
+    import json
+
+    from .hardware import detect as detect_hardware, recommend
+    from .paths import cache_dir
+    from .registry import load_registry
+    from .views import detect_report
+
+    with error_boundary(debug):
+        facts = detect_hardware(store or cache_dir() / "stores")
+        advice = recommend(facts, load_registry())
+        if json_output:
+            print(json.dumps(facts | {"recommendation": advice}, indent=1))
+        else:
+            detect_report(facts, advice, sys.stdout)
+
+
+@app.command()
+def models(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List registered targets with their drafts, sizes, presence and fit on this machine."""
+    import json
+
+    import psutil
+
+    from .catalog import model_rows
+    from .hardware import gpu_info
+    from .paths import cache_dir
+    from .registry import load_registry
+    from .views import models_table
+
+    with error_boundary(debug):
+        import shutil
+
+        root = cache_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        facts = {"ram_available": psutil.virtual_memory().available, "gpus": gpu_info(), "disk_free": shutil.disk_usage(root).free}
+        rows = model_rows(load_registry(), facts)
+        if json_output:
+            print(json.dumps(rows, indent=1))
+        else:
+            models_table(rows, sys.stdout)
+
+
+@app.command()
+def setup(
+    model: Annotated[str, typer.Argument(help="Registry name, hub id, directory or .gguf.")] = "demo",
+    draft: DraftOpt = None,
+    offload: OffloadOpt = None,
+    ram_budget: RamBudgetOpt = None,
+    store: StoreOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before downloading.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fetch a model and its draft, build the layer store if it will stream, and write the config."""
+    from .setupcmd import run_setup
+
+    with error_boundary(debug):
+        settings = build_config(dict(draft=draft, offload=offload, ram_budget=ram_budget, store=store), None, config_file())
+        run_setup(model, settings, yes)
+
+
 def _split(text: str, kind, what: str) -> tuple:
     from .errors import ConfigError
 

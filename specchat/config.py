@@ -71,7 +71,7 @@ class RunConfig:
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(
-            method=self.method,
+            method="ar" if self.draft == "none" else self.method,  # no draft: plain decoding
             budget=self.budget,
             max_depth=self.max_depth,
             draft_batch=self.draft_batch,

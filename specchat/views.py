@@ -42,3 +42,40 @@ def bench_json(rows: list[Row], setup: dict, out: TextIO) -> None:
         ],
     }
     out.write(json.dumps(payload, indent=1) + "\n")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def detect_report(facts: dict, advice: dict, out: TextIO) -> None:
+    console = Console(file=out, width=200, highlight=False, soft_wrap=True)
+    cpu = facts["cpu"]
+    console.print(f"CPU     {cpu['name']}: {cpu['cores']} cores / {cpu['threads']} threads; {', '.join(cpu['vector_extensions']) or 'no vector extensions found'}")
+    console.print(f"RAM     {_gb(facts['ram_total'])} total, {_gb(facts['ram_available'])} available")
+    if not facts["gpus"]:
+        console.print("GPU     none (torch sees no CUDA device)")
+    for gpu in facts["gpus"]:
+        console.print(
+            f"GPU     {gpu['name']} (cc {gpu['compute_capability']}): {_gb(gpu['vram_free'])} free of {_gb(gpu['vram_total'])}; "
+            f"pinned host->device {gpu['pinned_h2d_gbps']:.1f} GB/s"
+        )
+    io = "direct I/O" if facts["disk_direct_io"] else "buffered reads + DONTNEED (no O_DIRECT here)"
+    console.print(f"Disk    {_gb(facts['disk_free'])} free at {facts['store_dir']}; reads {facts['disk_read_gbps']:.2f} GB/s ({io})")
+    console.print("Recommended:")
+    for key, item in advice.items():
+        console.print(f"  {key:8} {item['value']:22} {item['reason']}", markup=False)
+
+
+def models_table(rows: list[dict], out: TextIO) -> None:
+    table = Table(title="specchat models", title_justify="left")
+    for header in ("target", "params", "16-bit", "4-bit", "present", "runs here", "drafts"):
+        table.add_column(header)
+    for row in rows:
+        drafts = ", ".join(f"{d['name']}{' (present)' if d['present'] else ''}" for d in row["drafts"])
+        fits = {"ram": "in memory", "ssd": "streamed from SSD", "no": "no"}[row["fits"]]
+        table.add_row(
+            row["name"], f"{row['params_b']:g}B", _gb(row["bytes_16bit"]), _gb(row["bytes_4bit"]),
+            "yes" if row["present"] else "no", fits, drafts,
+        )
+    Console(file=out, width=160).print(table)

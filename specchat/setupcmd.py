@@ -1,0 +1,112 @@
+"""`specchat setup`: fetch the model and its draft, build the layer store, write the config."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+import psutil
+
+from .config import RunConfig
+from .errors import ConfigError, ModelNotFound, ResourceError
+from .oneshot import stderr_progress
+from .paths import cache_dir, config_file
+from .pipeline import resident_bytes, stored_dtype
+from .registry import ModelEntry, load_registry
+from .sources import ModelRef, materialize, parse_model_spec
+from .store import build_store, store_dir_for
+from .offload import plan_offload
+
+
+def download(ref: ModelRef, progress) -> Path:
+    """Fetch a hub model into the Hugging Face cache (resumable); weights as safetensors only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    needed = ref.entry.bytes_at(16) if ref.entry else 0
+    free = shutil.disk_usage(Path.home()).free
+    if needed and needed * 1.05 > free:
+        raise ResourceError(
+            f"not enough disk to download {ref.hub_id}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
+            "free some space first",
+        )
+    progress(f"downloading {ref.hub_id} (resumes where it stopped)")
+    try:
+        path = snapshot_download(
+            ref.hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        )
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelNotFound(f"cannot download {ref.hub_id}: {exc}", "check the name and your network, then run setup again") from exc
+    return Path(path)
+
+
+def _materialize_or_download(ref: ModelRef, progress) -> Path:
+    try:
+        return materialize(ref, progress)
+    except ModelNotFound:
+        if ref.hub_id is None:
+            raise
+        download(ref, progress)
+        return materialize(ref, progress)
+
+
+def write_config(path: Path, values: dict[str, str]) -> None:
+    """Update keys in the TOML config, keeping the others; atomic replace."""
+    current = {}
+    if path.is_file():
+        try:
+            current = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix or delete it") from exc
+    current.update(values)
+    lines = []
+    for key, value in current.items():
+        if isinstance(value, str):
+            lines.append(f'{key} = "{value}"'.replace("\\", "\\\\"))
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        else:
+            lines.append(f"{key} = {value}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text("\n".join(lines) + "\n")
+    temp.replace(path)
+
+
+def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
+    progress = stderr_progress
+    registry = load_registry()
+    ref = parse_model_spec(model, registry)
+    interactive = sys.stdin.isatty() and not yes
+    if interactive and ref.kind in ("registry", "hub") and ref.entry and ref.entry.hub:
+        answer = input(f"set up {ref.display} ({ref.entry.bytes_at(16) / 1e9:.1f} GB at 16-bit)? [Y/n] ")
+        if answer.strip().lower() in ("n", "no"):
+            progress("setup cancelled")
+            return
+    target_dir = _materialize_or_download(ref, progress)
+    progress(f"target {ref.display}: {target_dir}")
+    draft_name = None
+    candidates: list[str] = [settings.draft] if settings.draft not in ("auto", "none") else (list(ref.entry.drafts) if ref.entry else [])
+    if settings.draft != "none":
+        for candidate in candidates:
+            draft_ref = parse_model_spec(candidate, registry)
+            _materialize_or_download(draft_ref, progress)
+            draft_name = draft_ref.display
+            progress(f"draft {draft_name}: ready")
+            break
+    model_bytes = resident_bytes(target_dir)
+    from .loading import check_architecture
+
+    layers = int(check_architecture(target_dir).num_hidden_layers)
+    plan = plan_offload(settings.offload, layers, model_bytes // layers, model_bytes, psutil.virtual_memory().available, settings.ram_budget)
+    progress(plan.reason)
+    if plan.mode == "ssd":
+        dtype = stored_dtype(target_dir)
+        path = store_dir_for(settings.store or cache_dir() / "stores", target_dir, dtype)
+        build_store(target_dir, path, dtype, lambda done, total: progress(f"layer store: {done}/{total}") if done == total or done % 8 == 0 else None)
+        progress(f"layer store ready: {path}")
+    values = {"model": ref.spec if ref.kind != "registry" else ref.entry.name, "draft": draft_name or "none", "offload": plan.mode}
+    write_config(config_file(), values)
+    progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))

@@ -1,0 +1,88 @@
+"""detect, models, setup, and hub ids resolved from a local Hugging Face cache built here."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from specchat.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_dirs):
+    """A Hugging Face cache holding tiny-org/tiny-target, laid out as huggingface_hub writes it."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--tiny-org--tiny-target"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_dirs["target"], snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_detect_json_has_every_fact_and_a_recommendation(tmp_path):
+    result = runner.invoke(app, ["detect", "--json", "--store", str(tmp_path / "stores")])
+    assert result.exit_code == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert {"cpu", "ram_total", "ram_available", "gpus", "store_dir", "disk_free", "disk_read_gbps", "disk_direct_io", "recommendation"} <= set(facts)
+    assert {"name", "cores", "threads", "vector_extensions", "fp32_gflops"} <= set(facts["cpu"])
+    assert facts["disk_read_gbps"] > 0 and facts["ram_total"] >= facts["ram_available"] > 0
+    assert set(facts["recommendation"]) == {"target", "draft", "quant", "offload", "budget"}
+    assert all(item["reason"] for item in facts["recommendation"].values())
+    assert not list((tmp_path / "stores").glob(".specchat-probe-*"))  # the probe file is gone
+
+
+def test_models_json_lists_the_demo_pair_as_present():
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    demo = rows["demo-1.5b"]
+    assert demo["present"] is True
+    assert demo["drafts"] == [{"name": "demo-0.5b", "params_b": 0.49, "present": True}]
+    assert demo["bytes_16bit"] == pytest.approx(3.08e9) and demo["bytes_4bit"] == pytest.approx(0.77e9)
+    assert {"llama-3.3-70b", "qwen2.5-72b", "llama-2-70b-chat", "mixtral-8x7b", "qwen2.5-coder-32b"} <= set(rows)
+    assert rows["qwen2.5-72b"]["fits"] in ("ssd", "no")
+
+
+def test_a_hub_id_resolves_from_the_local_cache(hub_cache, tiny_dirs):
+    direct = runner.invoke(app, ["run", "--model", str(tiny_dirs["target"]), "--draft", "none", "--max-new-tokens", "6", "the sea"])
+    via_hub = runner.invoke(app, ["run", "--model", "tiny-org/tiny-target", "--draft", "none", "--max-new-tokens", "6", "the sea"])
+    assert via_hub.exit_code == 0, via_hub.stderr
+    assert via_hub.stdout == direct.stdout
+
+
+def test_a_hub_id_missing_from_the_cache_says_to_run_setup(hub_cache):
+    result = runner.invoke(app, ["run", "--model", "tiny-org/absent", "--draft", "none", "x"])
+    assert result.exit_code != 0
+    assert result.stderr.strip() == (
+        "error: tiny-org/absent is not in the local Hugging Face cache; run `specchat setup tiny-org/absent` to download it"
+    )
+
+
+def test_setup_builds_the_store_writes_the_config_and_is_idempotent(tiny_dirs, tmp_path):
+    store = tmp_path / "stores"
+    args = ["setup", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--offload", "ssd", "--store", str(store), "--yes"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert "layer store ready" in first.stderr
+    built = {p.name: p.stat().st_mtime_ns for p in next(store.iterdir()).iterdir()}
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in next(store.iterdir()).iterdir()} == built
+    result = runner.invoke(app, ["run", "--store", str(store), "--max-new-tokens", "5", "--json", "the sea"])
+    assert result.exit_code == 0, result.stderr
+    assert "offload ssd: --offload ssd" in result.stderr  # the offload written by setup applies
+    assert json.loads(result.stdout)["stats"]["new_tokens"] == 5
+
+
+def test_setup_of_an_unknown_model_fails_cleanly():
+    result = runner.invoke(app, ["setup", "no-such-model", "--yes"])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: unknown model 'no-such-model'")
