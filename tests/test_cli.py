@@ -127,3 +127,31 @@ def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_ctrl_c_during_run_flushes_the_partial_reply_and_exits_130(tiny_dirs, monkeypatch):
+    from specchat import engine as engine_module
+    from specchat.events import TextEvent
+
+    def interrupted(self, prompt_ids, config):
+        yield TextEvent("partial", (5,), 0, 0, 0.0, 0.0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module.Engine, "generate", interrupted)
+    result = runner.invoke(app, base_args(tiny_dirs, "the sea"))
+    assert result.exit_code == 130
+    assert result.stdout == "partial\n"
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
+
+
+def test_not_enough_ram_is_refused_before_loading(tiny_dirs, monkeypatch):
+    import psutil
+
+    class Tiny:
+        available = 1000
+        total = 1000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    result = runner.invoke(app, base_args(tiny_dirs, "--offload", "none", "the sea"))
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: not enough RAM to hold the models")
