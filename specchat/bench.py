@@ -17,6 +17,7 @@ from .engine import GenerationConfig
 from .errors import InputError
 from .events import DoneEvent, GenerationStats
 
+AUTO = -1  # the "auto" budget in a sweep
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "mt_bench.jsonl"
 
 
@@ -109,7 +110,8 @@ def run_bench(pipeline, bench: BenchConfig, base: GenerationConfig, on_run: Call
             engine.reset()
             config = GenerationConfig(
                 method=method,
-                budget=max(budget, 1),
+                budget=base.budget if budget == AUTO else max(budget, 1),
+                auto_budget=budget == AUTO,
                 max_depth=base.max_depth,
                 draft_batch=base.draft_batch,
                 temperature=temperature,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from .bench import BenchConfig, configurations, load_prompts, run_bench
+from .bench import AUTO, BenchConfig, configurations, load_prompts, run_bench
 from .config import RunConfig
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
@@ -31,7 +31,7 @@ def run_bench_command(
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--methods: unknown method {method!r}", f"use {', '.join(METHODS)}")
-    if n < 1 or not budgets or any(b < 1 for b in budgets) or any(t < 0 for t in temperatures):
+    if n < 1 or not budgets or any(b < 1 and b != AUTO for b in budgets) or any(t < 0 for t in temperatures):
         raise ConfigError("--n and --budgets must be >= 1 and --temperatures >= 0")
     try:
         GenerationConfig(top_p=top_p, max_new_tokens=max_new_tokens)
@@ -44,7 +44,7 @@ def run_bench_command(
     total = len(bench.prompts) * len(configurations(bench))
     with Progress(console=None, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("benchmarking", total=total)
-        rows = run_bench(pipeline, bench, settings.generation(), lambda: progress.advance(task))
+        rows = run_bench(pipeline, bench, settings.generation(pipeline.auto_start), lambda: progress.advance(task))
     setup = {
         "target": pipeline.target_name,
         "draft": pipeline.draft_name,

@@ -150,6 +150,9 @@ class ChatSession:
         if name not in SETTABLE or not value.strip():
             return [f"usage: /set {{{'|'.join(SETTABLE)}}} VALUE"], False
         field_name = SETTABLE[name]
+        if name == "budget" and value.strip() == "auto":
+            self.settings = replace(self.settings, auto_budget=True)
+            return ["budget = auto"], False
         try:
             typed = value.strip() if field_name == "method" else (float(value) if field_name in ("temperature", "top_p") else int(value))
             if field_name == "method" and typed not in METHODS:
@@ -157,7 +160,8 @@ class ChatSession:
             if typed == "specexec" or typed == "specinfer":
                 if self.pipeline.engine.draft is None:
                     raise ValueError("this session has no draft model")
-            self.settings = replace(self.settings, **{field_name: typed})
+            changes = {field_name: typed} | ({"auto_budget": False} if field_name == "budget" else {})
+            self.settings = replace(self.settings, **changes)
         except ValueError as exc:
             return [f"bad value for {name}: {exc}"], False
         return [f"{name} = {typed}"], False
@@ -167,7 +171,7 @@ class ChatSession:
         lines = [
             f"session: {t.replies} replies, {t.new_tokens} tokens, {t.passes} target passes, "
             f"{t.new_tokens / max(t.passes, 1):.2f} tok/pass, {t.new_tokens / max(t.decode_s, 1e-9):.2f} tok/s",
-            f"settings: method {self.settings.method}, budget {self.settings.budget}, temperature {self.settings.temperature:g}, "
+            f"settings: method {self.settings.method}, budget {self._budget_text()}, temperature {self.settings.temperature:g}, "
             f"top_p {self.settings.top_p:g}, max_tokens {self.settings.max_new_tokens}",
         ]
         if self.last_stats:
@@ -177,6 +181,11 @@ class ChatSession:
                 f"tokens per pass: {' '.join(map(str, self.last_pass_sizes))}"
             )
         return lines, False
+
+    def _budget_text(self) -> str:
+        if not self.settings.auto_budget or self.settings.method == "ar":
+            return str(self.settings.budget)
+        return "auto, " + self.pipeline.engine.tuner_for(self.settings).explain()
 
     def _cmd_save(self, argument: str):
         from .paths import state_dir

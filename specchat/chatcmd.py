@@ -18,7 +18,7 @@ from .repl import Repl, pipe_reader, terminal_reader
 def run_chat(settings: RunConfig, resume: Path | None) -> None:
     pipeline = load_pipeline(settings, stderr_progress)
     stderr_progress(pipeline.draft_reason)
-    session = ChatSession(pipeline, settings.generation(), system=settings.system)
+    session = ChatSession(pipeline, settings.generation(pipeline.auto_start), system=settings.system)
     if resume is not None:
         load_session(session, resume)
         stderr_progress(f"resumed {len(session.messages)} messages from {resume}")

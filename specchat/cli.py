@@ -29,7 +29,7 @@ OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the 
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
-BudgetOpt = Annotated[Optional[int], typer.Option("--budget", help="Tree tokens the target verifies per pass.")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Tree tokens the target verifies per pass, or auto (tuned from measured speed; the default).")]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy.")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass in (0, 1].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
@@ -190,6 +190,12 @@ def setup(
         run_setup(model, settings, yes)
 
 
+def _budget(text: str) -> int:
+    from .bench import AUTO
+
+    return AUTO if text.strip() == "auto" else int(text)
+
+
 def _split(text: str, kind, what: str) -> tuple:
     from .errors import ConfigError
 
@@ -204,7 +210,7 @@ def bench(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompts (MT-Bench {\"turns\": [...]} or {\"prompt\": ...}). Default: MT-Bench first turns.")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of prompts.")] = 20,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "specexec,specinfer,ar",
-    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated tree budgets.")] = "16,64,256",
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated tree budgets; 'auto' for the tuner.")] = "16,64,256,auto",
     temperatures: Annotated[str, typer.Option("--temperatures", help="Comma-separated temperatures.")] = "0,0.6",
     top_p: Annotated[float, typer.Option("--top-p", help="Top-p for temperatures above 0.")] = 0.9,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
@@ -230,7 +236,7 @@ def bench(
             prompts_file=prompts,
             n=n,
             methods=_split(methods, str, "methods"),
-            budgets=_split(budgets, int, "budgets"),
+            budgets=_split(budgets, _budget, "budgets"),
             temperatures=_split(temperatures, float, "temperatures"),
             top_p=top_p,
             max_new_tokens=max_new_tokens,

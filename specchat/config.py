@@ -48,7 +48,7 @@ class RunConfig:
     ram_budget: int | None = None  # bytes of RAM resident layers may use
     store: Path | None = None  # layer store directory
     method: str = "specexec"
-    budget: int = 16  # tree nodes per target pass
+    budget: int | None = None  # tree nodes per target pass; None = auto (tuned from measurements)
     max_depth: int = 32
     draft_batch: int = 8
     temperature: float = 0.0
@@ -69,10 +69,12 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError(f"invalid setting: {exc}", "see `specchat run --help`") from exc
 
-    def generation(self) -> GenerationConfig:
+    def generation(self, auto_start: int = 16) -> GenerationConfig:
+        """The engine's settings; ``auto_start`` is where ``--budget auto`` starts tuning."""
         return GenerationConfig(
             method="ar" if self.draft == "none" else self.method,  # no draft: plain decoding
-            budget=self.budget,
+            budget=self.budget if self.budget is not None else auto_start,
+            auto_budget=self.budget is None,
             max_depth=self.max_depth,
             draft_batch=self.draft_batch,
             temperature=self.temperature,
@@ -100,6 +102,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return value if isinstance(value, int) else parse_size(value)
         if name == "store":
             return Path(value).expanduser()
+        if name == "budget" and str(value).strip().lower() == "auto":
+            return None
         if "int" in kind and "float" not in kind:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"{value!r} is not a whole number")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .events import DoneEvent, Event, GenerationStats, TextEvent
+from .autobudget import BudgetTuner
 from .growth import GrowthParams, grow_specexec, grow_specinfer
 from .iostats import disk_read_bytes
 from .lm import LanguageModel, causal_visibility
@@ -53,6 +54,7 @@ class GenerationConfig:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     adaptive: bool = True  # SpecExec: stop growing when a draft step costs more than it adds
+    auto_budget: bool = False  # tune the budget per pass from measured tokens/s (``budget`` is the start)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +96,7 @@ class Engine:
         # Running costs (seconds) that SpecExec's adaptive stop weighs; None until measured.
         self._draft_step_s: float | None = None
         self._target_pass_s: dict[int, float] = {}  # by budget
+        self.tuners: dict[tuple[str, bool], BudgetTuner] = {}  # --budget auto, per (method, greedy)
 
     # -- public ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Event]:
@@ -112,8 +115,12 @@ class Engine:
             stream = TextStream(self.tokenizer, config.stop)
             new_ids: list[int] = []
             passes, draft_total, target_total, finish = 0, 0.0, 0.0, "length"
+            tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
             while len(new_ids) < budget:
-                drawn, tree_size, draft_s, target_s = self._one_pass(config, generator)
+                pass_config = replace(config, budget=tuner.current) if tuner else config
+                drawn, tree_size, draft_s, target_s = self._one_pass(pass_config, generator)
+                if tuner:
+                    tuner.observe(pass_config.budget, len(drawn), draft_s + target_s)
                 passes += 1
                 draft_total += draft_s
                 target_total += target_s
@@ -135,7 +142,7 @@ class Engine:
             wall = time.perf_counter() - start_time
             stats = GenerationStats(
                 method=config.method,
-                budget=config.budget if config.method != "ar" else 0,
+                budget=(pass_config.budget if passes else config.budget) if config.method != "ar" else 0,
                 prefill_tokens=prefill_tokens,
                 new_tokens=len(new_ids),
                 target_passes=passes,
@@ -152,6 +159,12 @@ class Engine:
             yield DoneEvent(stream.text, tuple(new_ids), stats)
         finally:
             self._repair()
+
+    def tuner_for(self, config: GenerationConfig) -> BudgetTuner:
+        key = (config.method, config.sampling.greedy)
+        if key not in self.tuners:
+            self.tuners[key] = BudgetTuner(config.budget)
+        return self.tuners[key]
 
     def reset(self) -> None:
         self.tokens = []

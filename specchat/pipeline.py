@@ -35,6 +35,11 @@ class Pipeline:
     offload: OffloadPlan
 
     @property
+    def auto_start(self) -> int:
+        """Where --budget auto starts: big trees when the target streams, small when it is resident."""
+        return 64 if self.offload.mode == "ssd" else 8
+
+    @property
     def tokenizer(self):
         return self.target.tokenizer
 

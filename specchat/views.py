@@ -8,7 +8,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from .bench import Row, ratios_to_ar
+from .bench import AUTO, Row, ratios_to_ar
 
 
 def bench_table(rows: list[Row], out: TextIO) -> None:
@@ -20,7 +20,7 @@ def bench_table(rows: list[Row], out: TextIO) -> None:
         ratio = ratios.get((row.method, row.budget, row.temperature))
         table.add_row(
             row.method,
-            str(row.budget) if row.method != "ar" else "-",
+            ("auto" if row.budget == AUTO else str(row.budget)) if row.method != "ar" else "-",
             f"{row.temperature:g}",
             str(len(row.runs)),
             f"{row.tokens_per_pass:.2f}",
