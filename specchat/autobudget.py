@@ -55,6 +55,8 @@ class BudgetTuner:
     def explain(self) -> str:
         measured = sorted((k, t) for k in self._history if (t := self.throughput(k)) is not None)
         if not measured:
-            return f"budget {self.current}: measuring"
+            return f"K={self.current}, measuring"
         table = ", ".join(f"K={k} {t:.2f} tok/s" for k, t in measured)
-        return f"budget {self.current}: the fastest measured ({table})"
+        best = max(measured, key=lambda item: item[1])[0]
+        verdict = "the fastest measured" if best == self.current else "trying it"
+        return f"K={self.current}, {verdict} ({table})"

@@ -185,7 +185,7 @@ class ChatSession:
     def _budget_text(self) -> str:
         if not self.settings.auto_budget or self.settings.method == "ar":
             return str(self.settings.budget)
-        return "auto, " + self.pipeline.engine.tuner_for(self.settings).explain()
+        return "auto: " + self.pipeline.engine.tuner_for(self.settings).explain()
 
     def _cmd_save(self, argument: str):
         from .paths import state_dir

@@ -105,18 +105,25 @@ class Repl:
                 self.console.print(status_line(event.stats), markup=False, highlight=False)
 
     def _render_live(self, events: Iterator) -> None:
-        text = ""
-        with Live(Markdown(""), console=self.console, refresh_per_second=8, vertical_overflow="visible") as live:
+        """Markdown that grows in place, one refresh per target pass (no timer, so no flicker)."""
+        text, live, done = "", None, None
+        try:
             for event in events:
                 if isinstance(event, Notice):
                     self.console.print(event.text, style="dim")
-                elif isinstance(event, TextEvent):
+                elif isinstance(event, TextEvent) and event.text:
                     text += event.text
-                    live.update(Markdown(text))
+                    if live is None:  # start only with content: an empty first frame leaves a stray line
+                        live = Live(Markdown(text), console=self.console, auto_refresh=False, vertical_overflow="visible")
+                        live.start()
+                    live.update(Markdown(text), refresh=True)
                 elif isinstance(event, DoneEvent):
-                    live.update(Markdown(event.text))
                     done = event
-        self.console.print(status_line(done.stats), style="dim", highlight=False)
+        finally:
+            if live is not None:
+                live.stop()
+        if done is not None:
+            self.console.print(status_line(done.stats), style="dim", highlight=False)
 
 
 def terminal_reader(history_file) -> Callable[[], str]:

@@ -46,7 +46,7 @@ def test_the_tuner_finds_the_best_fixed_budget(name, cost):
 
 def test_explain_names_the_measurements():
     tuner = simulate(lambda k: 1.0 + 0.02 * k, 16)
-    assert tuner.explain().startswith(f"budget {tuner.current}: the fastest measured (K=")
+    assert tuner.explain().startswith(f"K={tuner.current}, the fastest measured (K=")
 
 
 def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
