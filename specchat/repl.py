@@ -51,9 +51,9 @@ class Repl:
                 armed = True
                 self.console.print("(press Ctrl-C again or Ctrl-D to leave)", style="dim", highlight=False)
                 continue
-            armed = False
             if not text.strip():
                 continue
+            armed = False
             if text.startswith("/"):
                 lines, leave = self.session.command(text.strip())
                 for line in lines:
