@@ -15,8 +15,22 @@ from .pipeline import load_pipeline
 from .repl import Repl, pipe_reader, terminal_reader
 
 
+def _load(settings: RunConfig):
+    """Load once, with a spinner and the current step on a terminal's stderr."""
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        return load_pipeline(settings, stderr_progress)
+    with err.status("loading") as status:
+
+        def progress(message: str) -> None:
+            err.print(message, style="dim", highlight=False)
+            status.update(message)
+
+        return load_pipeline(settings, progress)
+
+
 def run_chat(settings: RunConfig, resume: Path | None) -> None:
-    pipeline = load_pipeline(settings, stderr_progress)
+    pipeline = _load(settings)
     stderr_progress(pipeline.draft_reason)
     session = ChatSession(pipeline, settings.generation(pipeline.auto_start), system=settings.system)
     if resume is not None:

@@ -1,0 +1,83 @@
+"""Tree invariants of both growth methods, on tiny random models."""
+
+import pytest
+import torch
+
+from specchat.growth import GrowthParams, grow_specexec, grow_specinfer
+from specchat.lm import causal_visibility
+from specchat.sampling import SamplingParams
+from specchat.verify import target_tree_logits
+
+from tiny import tiny_lm
+
+COMMITTED = [3, 1, 4, 1, 5]
+
+
+def grow(method: str, budget: int, sampling: SamplingParams, seed: int = 0):
+    draft = tiny_lm(seed)
+    cache = draft.new_cache()
+    growth = GrowthParams(budget=budget, max_depth=6, batch=4)
+    if method == "specexec":
+        tree, _ = grow_specexec(draft, cache, COMMITTED, growth, sampling)
+    else:
+        tree, _ = grow_specinfer(draft, cache, COMMITTED, growth, sampling, torch.Generator().manual_seed(seed))
+    return tree, draft, cache
+
+
+CASES = [(m, b, s) for m in ("specexec", "specinfer") for b in (1, 5, 16, 40) for s in (SamplingParams(0.0), SamplingParams(1.0, 0.9))]
+
+
+@pytest.mark.parametrize("method, budget, sampling", CASES)
+def test_tree_invariants(method, budget, sampling):
+    tree, draft, cache = grow(method, budget, sampling)
+    n = tree.size
+    assert n == budget + 1  # the root plus exactly the budget
+    parents, depths = tree.parents.tolist(), tree.depths.tolist()
+    assert parents[0] == -1 and depths[0] == 0
+    for node in range(1, n):
+        assert 0 <= parents[node] < node  # connected, index order is topological
+        assert depths[node] == depths[parents[node]] + 1
+        assert tree.scores[node] <= tree.scores[parents[node]] + 1e-12  # scores never rise along a path
+        assert depths[node] <= 6
+    mask = tree.ancestor_mask()
+    for i in range(n):
+        ancestors, node = {i}, i
+        while parents[node] >= 0:
+            node = parents[node]
+            ancestors.add(node)
+        assert set(mask[i].nonzero().flatten().tolist()) == ancestors
+    # Siblings hold distinct tokens (children are drawn without replacement).
+    for kids in tree.children():
+        tokens = [int(tree.tokens[k]) for k in kids]
+        assert len(tokens) == len(set(tokens))
+
+
+def test_specexec_keeps_the_best_nodes():
+    tree, *_ = grow("specexec", 16, SamplingParams(0.0))
+    # No node outside the tree may beat the worst node inside: re-growing with a bigger budget
+    # keeps every node of the smaller tree.
+    bigger, *_ = grow("specexec", 40, SamplingParams(0.0))
+    paths = lambda t: {tuple(path(t, i)) for i in range(t.size)}
+    assert paths(tree) <= paths(bigger)
+
+
+def path(tree, node):
+    tokens = []
+    while node > 0:
+        tokens.append(int(tree.tokens[node]))
+        node = int(tree.parents[node])
+    return tokens[::-1]
+
+
+def test_tree_positions_and_mask_give_each_node_its_own_path_logits():
+    """Target logits of node i in one tree pass == a plain forward over prefix + path(i)."""
+    tree, *_ = grow("specexec", 12, SamplingParams(0.0))
+    target = tiny_lm(9)
+    cache = target.new_cache()
+    prefix = COMMITTED[:-1]
+    target.forward(torch.tensor(prefix), torch.arange(len(prefix)), causal_visibility(0, len(prefix)), cache)
+    logits = target_tree_logits(target, cache, tree)
+    for node in range(tree.size):
+        sequence = COMMITTED + path(tree, node)
+        fresh = target.forward(torch.tensor(sequence), torch.arange(len(sequence)), causal_visibility(0, len(sequence)), target.new_cache())
+        assert torch.allclose(logits[node], fresh[-1], atol=1e-9)
