@@ -12,7 +12,7 @@ import torch
 
 from .config import RunConfig
 from .engine import Engine
-from .errors import InputError, ModelNotFound, ResourceError, SpecchatError
+from .errors import InputError, ModelNotFound, ResourceError
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
 from .paths import cache_dir
@@ -56,31 +56,35 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
-    """Bytes the weights take once loaded in ``dtype``, from the safetensors headers."""
-    total = 0
-    widths = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
-    for file in model_dir.glob("*.safetensors"):
+def _safetensors_headers(model_dir: Path) -> list[dict]:
+    """The JSON header of each safetensors file: tensor name -> dtype, shape, offsets."""
+    headers = []
+    for file in sorted(model_dir.glob("*.safetensors")):
         with open(file, "rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(header_len))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            total += (end - start) // widths.get(info["dtype"], 2)
-    return total * torch.finfo(dtype).bits // 8
+        header.pop("__metadata__", None)
+        headers.append(header)
+    return headers
+
+
+_WIDTHS = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+
+
+def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
+    """Bytes the weights take once loaded in ``dtype``, from the safetensors headers."""
+    elements = sum(
+        (info["data_offsets"][1] - info["data_offsets"][0]) // _WIDTHS.get(info["dtype"], 2)
+        for header in _safetensors_headers(model_dir)
+        for info in header.values()
+    )
+    return elements * torch.finfo(dtype).bits // 8
 
 
 def stored_dtype(model_dir: Path) -> str:
     """The 16-bit dtype the layer store keeps: the model's own, bf16 for a float32 model."""
-    for file in model_dir.glob("*.safetensors"):
-        with open(file, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_len))
-        dtypes = {info["dtype"] for name, info in header.items() if name != "__metadata__"}
-        return "float16" if dtypes == {"F16"} else "bfloat16"
-    return "bfloat16"
+    dtypes = {info["dtype"] for header in _safetensors_headers(model_dir) for info in header.values()}
+    return "float16" if dtypes == {"F16"} else "bfloat16"
 
 
 def _check_ram(needed: int, what: str) -> None:
@@ -171,5 +175,3 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
         engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan
     )
 
-
-__all__ = ["Pipeline", "load_pipeline", "encode_chat", "SpecchatError"]
