@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from specchat.config import RunConfig
 from specchat.lm import causal_visibility
 from specchat.loading import load_resident, quantize_int8
 from specchat.sources import materialize, parse_model_spec
