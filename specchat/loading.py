@@ -94,7 +94,7 @@ def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def quantize_int8(lm: LayeredLM) -> LayeredLM:
-    """Dynamic int8 weights for every Linear of a resident model (CPU; ~5x faster draft steps).
+    """Dynamic int8 weights for every Linear of a resident model (CPU; 2.3-4.4x faster draft steps, benchmarks/draft_int8.py).
 
     Used for the draft only: the draft merely proposes, so its precision changes
     how many tokens are accepted, never what the target outputs.

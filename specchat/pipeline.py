@@ -20,7 +20,7 @@ from .registry import ModelEntry, load_registry
 from .sources import ModelRef, Progress, materialize, parse_model_spec
 from .store import build_store, store_dir_for
 
-COMPUTE_DTYPE = torch.float32  # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX/bf16 units
+COMPUTE_DTYPE = torch.float32  # bf16 matmuls ran ~170x slower than fp32 on an AVX2 CPU (benchmarks/cpu_matmul.py)
 RAM_HEADROOM = 1.1  # activations, KV cache and allocator slack over the raw weights
 
 
