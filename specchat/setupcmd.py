@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tomllib
@@ -64,7 +65,7 @@ def write_config(path: Path, values: dict[str, str]) -> None:
     lines = []
     for key, value in current.items():
         if isinstance(value, str):
-            lines.append(f'{key} = "{value}"'.replace("\\", "\\\\"))
+            lines.append(f"{key} = {json.dumps(value)}")  # a JSON string is a valid TOML basic string
         elif isinstance(value, bool):
             lines.append(f"{key} = {str(value).lower()}")
         else:
