@@ -86,3 +86,14 @@ def test_setup_of_an_unknown_model_fails_cleanly():
     result = runner.invoke(app, ["setup", "no-such-model", "--yes"])
     assert result.exit_code != 0
     assert result.stderr.startswith("error: unknown model 'no-such-model'")
+
+
+def test_write_config_keeps_other_keys_and_escapes_strings(tmp_path):
+    import tomllib
+
+    from specchat.setupcmd import write_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("temperature = 0.6\n")
+    write_config(path, {"model": 'C:\\models\\"odd"', "draft": "none"})
+    assert tomllib.loads(path.read_text()) == {"temperature": 0.6, "model": 'C:\\models\\"odd"', "draft": "none"}
