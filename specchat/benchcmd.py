@@ -49,6 +49,7 @@ def run_bench_command(
         "target": pipeline.target_name,
         "draft": pipeline.draft_name,
         "offload": pipeline.offload.reason,
+        "quant": settings.quant,
         "draft_quant": settings.draft_quant,
         "prompts": len(bench.prompts),
         "max_new_tokens": max_new_tokens,

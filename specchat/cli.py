@@ -23,7 +23,7 @@ app = typer.Typer(
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Config file (TOML). Default: $XDG_CONFIG_HOME/specchat/config.toml.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Target: registry name, hub id, directory or .gguf. Default: configured model, else demo.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name, hub id, path, 'auto' or 'none'.")]
-QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: auto or 16bit.")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: 16bit, 4bit (NF4, streams 3.5x fewer bytes) or auto.")]
 DraftQuantOpt = Annotated[Optional[str], typer.Option("--draft-quant", help="Draft weights: int8 (dynamic, fast on CPU) or none.")]
 OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto, none (resident), ram (resident on a CPU) or ssd (streamed from the layer store).")]
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
@@ -176,6 +176,7 @@ def models(
 def setup(
     model: Annotated[str, typer.Argument(help="Registry name, hub id, directory or .gguf.")] = "demo",
     draft: DraftOpt = None,
+    quant: QuantOpt = None,
     offload: OffloadOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
@@ -186,7 +187,7 @@ def setup(
     from .setupcmd import run_setup
 
     with error_boundary(debug):
-        settings = build_config(dict(draft=draft, offload=offload, ram_budget=ram_budget, store=store), None, config_file())
+        settings = build_config(dict(draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store), None, config_file())
         run_setup(model, settings, yes)
 
 
@@ -219,6 +220,7 @@ def bench(
     model: ModelOpt = None,
     draft: DraftOpt = None,
     draft_quant: DraftQuantOpt = None,
+    quant: QuantOpt = None,
     offload: OffloadOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
@@ -228,7 +230,7 @@ def bench(
     """Measure tokens per pass and tokens/s of each method and budget on a prompt set."""
     from .benchcmd import run_bench_command
 
-    flags = dict(model=model, draft=draft, draft_quant=draft_quant, offload=offload, ram_budget=ram_budget, store=store)
+    flags = dict(model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget, store=store)
     with error_boundary(debug):
         settings = build_config(flags, config, config_file())
         run_bench_command(

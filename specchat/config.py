@@ -17,7 +17,7 @@ from typing import Any
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
 
-QUANTS = ("auto", "16bit")
+QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
 

@@ -124,6 +124,16 @@ def _choose_draft(
     )
 
 
+def store_dtype_for(quant: str, target_dir: Path) -> str:
+    """The layer store's dtype for ``--quant``: the model's own 16-bit dtype, or NF4 for 4bit."""
+    return "nf4" if quant == "4bit" else stored_dtype(target_dir)
+
+
+def resolve_quant(quant: str, offload_mode: str) -> str:
+    """``--quant auto``: 16-bit, the target's own outputs (see docs/benchmarks.md for why not 4-bit on a CPU)."""
+    return "16bit" if quant == "auto" else quant
+
+
 def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress: Progress) -> tuple[LoadedModel, OffloadPlan]:
     model_bytes = resident_bytes(target_dir)
     hf_config = check_architecture(target_dir)
@@ -131,15 +141,20 @@ def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress
     mode = "none" if config.offload == "ram" else config.offload  # on a CPU, RAM offload is residency
     available = max(psutil.virtual_memory().available - draft_bytes, 0)
     plan = plan_offload(mode, layers, model_bytes // layers, model_bytes, available, config.ram_budget)
-    if plan.mode == "none":
+    quant = resolve_quant(config.quant, plan.mode)
+    if plan.mode == "none" and quant == "16bit":
         _check_ram(model_bytes + draft_bytes, "hold the models")
         return load_resident(target_dir, COMPUTE_DTYPE), plan
-    dtype = stored_dtype(target_dir)
+    dtype = store_dtype_for(quant, target_dir)
     store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, dtype)
-    store = build_store(target_dir, store_path, dtype, _store_progress(progress))
+    store = build_store(target_dir, store_path, dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
     per_layer = layer_compute_bytes(store, COMPUTE_DTYPE)
-    plan = plan_offload("ssd", layers, per_layer, model_bytes, available, config.ram_budget)
-    streamed_ring = 2 * per_layer
+    if plan.mode == "none":  # 4-bit weights, every layer dequantised once and kept
+        plan = OffloadPlan("none", layers, f"{plan.reason}; 4-bit NF4 weights from {store_path.name}")
+    else:
+        plan = plan_offload("ssd", layers, per_layer, model_bytes, available, config.ram_budget)
+        plan = OffloadPlan(plan.mode, plan.resident_layers, f"{plan.reason} ({'4-bit NF4' if dtype == 'nf4' else dtype})")
+    streamed_ring = 2 * per_layer if plan.resident_layers < layers else 0
     _check_ram(plan.resident_layers * per_layer + streamed_ring + (model_bytes - layers * per_layer) + draft_bytes, "stream the target")
     lm = load_streamed(store, COMPUTE_DTYPE, resident_layers=plan.resident_layers)
     return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan

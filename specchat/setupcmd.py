@@ -14,7 +14,7 @@ from .config import RunConfig
 from .errors import ConfigError, ModelNotFound, ResourceError
 from .oneshot import stderr_progress
 from .paths import cache_dir, config_file
-from .pipeline import resident_bytes, stored_dtype
+from .pipeline import resident_bytes, resolve_quant, store_dtype_for, stored_dtype
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, materialize, parse_model_spec
 from .store import build_store, store_dir_for
@@ -103,11 +103,21 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
     layers = int(check_architecture(target_dir).num_hidden_layers)
     plan = plan_offload(settings.offload, layers, model_bytes // layers, model_bytes, psutil.virtual_memory().available, settings.ram_budget)
     progress(plan.reason)
-    if plan.mode == "ssd":
-        dtype = stored_dtype(target_dir)
+    quant = resolve_quant(settings.quant, plan.mode)
+    if plan.mode == "ssd" or quant == "4bit":
+        dtype = store_dtype_for(quant, target_dir)
         path = store_dir_for(settings.store or cache_dir() / "stores", target_dir, dtype)
-        build_store(target_dir, path, dtype, lambda done, total: progress(f"layer store: {done}/{total}") if done == total or done % 8 == 0 else None)
+        build_store(
+            target_dir, path, dtype,
+            lambda done, total: progress(f"layer store: {done}/{total}") if done == total or done % 8 == 0 else None,
+            dense_dtype=stored_dtype(target_dir),
+        )
         progress(f"layer store ready: {path}")
-    values = {"model": ref.spec if ref.kind != "registry" else ref.entry.name, "draft": draft_name or "none", "offload": plan.mode}
+    values = {
+        "model": ref.spec if ref.kind != "registry" else ref.entry.name,
+        "draft": draft_name or "none",
+        "offload": plan.mode,
+        "quant": quant,
+    }
     write_config(config_file(), values)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))

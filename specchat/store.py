@@ -10,6 +10,9 @@ Layout of a store directory::
 
 Every layer of a model has the same tensors with the same shapes, so one
 ``layout`` (name, dtype, shape, offset) in the manifest serves all layer files.
+A 4-bit store (dtype ``nf4``) keeps each 2-D weight as NF4 packed bytes followed
+by its float32 block absmax (see :mod:`specchat.quant4`), so streaming moves
+4.5 bits per weight; norms, biases and the resident tensors stay 16-bit.
 A layer file is written as ``.partial`` and renamed once complete, so a build
 interrupted by Ctrl-C or a full disk resumes from the first missing layer and
 never trusts a half-written one.  Each layer's CRC-32 is in the manifest and is
@@ -30,12 +33,14 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptModel, ResourceError
+from .quant4 import absmax_offset, nf4_bytes, quantizable, quantize_nf4
 
 ALIGN = 4096
 FORMAT = 1
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORE_DTYPES = (*_DTYPES, "nf4")
 
 
 def _align(n: int) -> int:
@@ -55,7 +60,7 @@ class TensorSlot:
 class Store:
     path: Path
     num_layers: int
-    dtype: str  # storage dtype of the layer tensors
+    dtype: str  # storage dtype of the layer tensors: a 16/32-bit float, or "nf4" (4-bit weights)
     layer_bytes: int  # size of every layer file (padded)
     layout: tuple[TensorSlot, ...]
     crc32: tuple[int, ...]
@@ -106,17 +111,26 @@ def open_store(path: Path) -> Store:
 
 
 def build_store(
-    model_dir: Path, path: Path, dtype: str = "float16", progress: Callable[[int, int], None] | None = None
+    model_dir: Path,
+    path: Path,
+    dtype: str = "float16",
+    progress: Callable[[int, int], None] | None = None,
+    dense_dtype: str = "float16",
 ) -> Store:
-    """Write (or finish writing) the store of the safetensors model in ``model_dir``."""
+    """Write (or finish writing) the store of the safetensors model in ``model_dir``.
+
+    ``dtype`` is how the layer weights are kept; with ``nf4`` the tensors that
+    stay 16-bit (norms, biases, embeddings, head) use ``dense_dtype``.
+    """
     if (path / MANIFEST).is_file():
         return open_store(path)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"store dtype must be one of {', '.join(_DTYPES)}")
-    target_dtype = _DTYPES[dtype]
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype must be one of {', '.join(STORE_DTYPES)}")
+    four_bit = dtype == "nf4"
+    target_dtype = _DTYPES[dense_dtype if four_bit else dtype]
     files = sorted(model_dir.glob("*.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {name: h for h in handles for name in h.keys()}
@@ -127,8 +141,11 @@ def build_store(
     layout, offset = [], 0
     for name in layer0:
         shape = tuple(where[prefix.format(0) + name].get_slice(prefix.format(0) + name).get_shape())
-        nbytes = torch.Size(shape).numel() * torch.finfo(target_dtype).bits // 8
-        layout.append(TensorSlot(name, dtype, shape, offset, nbytes))
+        if four_bit and quantizable(name, shape):
+            slot_dtype, nbytes = "nf4", nf4_bytes(shape)
+        else:
+            slot_dtype, nbytes = str(target_dtype).removeprefix("torch."), torch.Size(shape).numel() * torch.finfo(target_dtype).bits // 8
+        layout.append(TensorSlot(name, slot_dtype, shape, offset, nbytes))
         offset = _align(offset + nbytes)
     layer_bytes = _align(offset)
     path.mkdir(parents=True, exist_ok=True)
@@ -143,8 +160,7 @@ def build_store(
         for slot, tensor in zip(layout, tensors):
             if tuple(tensor.shape) != slot.shape:
                 raise CorruptModel(f"layer {index} tensor {slot.name} has shape {tuple(tensor.shape)}, expected {slot.shape}")
-            data = tensor.to(target_dtype).contiguous().view(torch.uint8).numpy().tobytes()
-            blob[slot.offset : slot.offset + slot.nbytes] = data
+            _place(blob, slot, tensor, target_dtype)
         crcs.append(zlib.crc32(blob))
         if not (final.is_file() and final.stat().st_size == layer_bytes):
             _write_atomically(final, blob)
@@ -164,12 +180,24 @@ def build_store(
         "source": str(model_dir),
         "num_layers": num_layers,
         "dtype": dtype,
+        "dense_dtype": str(target_dtype).removeprefix("torch."),
         "layer_bytes": layer_bytes,
         "layout": [slot.__dict__ | {"shape": list(slot.shape)} for slot in layout],
         "crc32": crcs,
     }
     _write_atomically(path / MANIFEST, json.dumps(manifest, indent=1).encode())
     return open_store(path)
+
+
+def _place(blob: bytearray, slot: TensorSlot, tensor: torch.Tensor, dense: torch.dtype) -> None:
+    """Write ``tensor`` into the layer buffer at ``slot``, in the slot's storage format."""
+    if slot.dtype == "nf4":
+        packed, absmax = quantize_nf4(tensor)
+        blob[slot.offset : slot.offset + packed.numel()] = packed.numpy().tobytes()
+        start = slot.offset + absmax_offset(slot.shape)
+        blob[start : start + 4 * absmax.numel()] = absmax.numpy().tobytes()
+    else:
+        blob[slot.offset : slot.offset + slot.nbytes] = tensor.to(dense).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _write_atomically(final: Path, data: bytes) -> None:

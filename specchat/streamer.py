@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import CorruptModel
+from .quant4 import absmax_count, absmax_offset, dequantize_nf4, packed_bytes
 from .store import Store, _DTYPES
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -124,7 +125,10 @@ class StreamedLayers:
         self.reader.read_into(index, slot.buffer)
         with torch.no_grad():
             for param, stored in slot.views:
-                param.copy_(stored)  # (shape) 16-bit -> compute dtype
+                if isinstance(stored, tuple):  # NF4: (packed (n/2,) uint8, absmax (n/64,) float32)
+                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+                else:
+                    param.copy_(stored)  # (shape) 16-bit -> compute dtype
         _set_layer_index(slot.module, index)
         return slot
 
@@ -158,8 +162,14 @@ class StreamedLayers:
         return sum(p.numel() * p.element_size() for m in self.resident.values() for p in m.parameters())
 
 
-def _stored_view(buffer: mmap.mmap, slot) -> torch.Tensor:
-    """The tensor ``slot`` inside a layer buffer, without copying."""
+def _stored_view(buffer: mmap.mmap, slot) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The tensor ``slot`` inside a layer buffer, without copying (for NF4: packed bytes and absmax)."""
+    if slot.dtype == "nf4":
+        packed = torch.frombuffer(buffer, dtype=torch.uint8, count=packed_bytes(slot.shape), offset=slot.offset)
+        absmax = torch.frombuffer(
+            buffer, dtype=torch.float32, count=absmax_count(slot.shape), offset=slot.offset + absmax_offset(slot.shape)
+        )
+        return packed, absmax
     dtype = _DTYPES[slot.dtype]
     count = slot.nbytes * 8 // torch.finfo(dtype).bits
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=slot.offset).view(slot.shape)

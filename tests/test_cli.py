@@ -155,3 +155,17 @@ def test_not_enough_ram_is_refused_before_loading(tiny_dirs, monkeypatch):
     result = runner.invoke(app, base_args(tiny_dirs, "--offload", "none", "the sea"))
     assert result.exit_code != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: not enough RAM to hold the models")
+
+
+@pytest.mark.parametrize("offload", ["ssd", "none"])
+def test_4bit_target_runs_and_speculation_still_matches_plain_decoding(tiny_dirs, tmp_path, offload):
+    args = base_args(tiny_dirs, "--quant", "4bit", "--offload", offload, "--store", str(tmp_path), "--max-new-tokens", "12")
+    replies = {}
+    for method in ("ar", "specexec", "specinfer"):
+        result = runner.invoke(app, [*args, "--method", method, "--json", "a calm tide"])
+        assert result.exit_code == 0, result.stderr
+        assert "4-bit NF4" in result.stderr
+        replies[method] = json.loads(result.stdout)["tokens"]
+    assert replies["specexec"] == replies["ar"] == replies["specinfer"]
+    assert len(replies["ar"]) == 12
+    assert [p.name.endswith("-nf4") for p in tmp_path.iterdir()] == [True]

@@ -82,6 +82,22 @@ def test_setup_builds_the_store_writes_the_config_and_is_idempotent(tiny_dirs, t
     assert json.loads(result.stdout)["stats"]["new_tokens"] == 5
 
 
+def test_setup_with_4bit_builds_an_nf4_store_and_writes_the_quant(tiny_dirs, tmp_path):
+    import tomllib
+
+    from specchat.paths import config_file
+
+    store = tmp_path / "stores"
+    args = ["setup", str(tiny_dirs["target"]), "--draft", "none", "--quant", "4bit", "--offload", "ssd", "--store", str(store), "--yes"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert [p.name.endswith("-nf4") for p in store.iterdir()] == [True]
+    assert tomllib.loads(config_file().read_text())["quant"] == "4bit"
+    run = runner.invoke(app, ["run", "--store", str(store), "--max-new-tokens", "4", "the sea"])
+    assert run.exit_code == 0, run.stderr
+    assert "4-bit NF4" in run.stderr
+
+
 def test_setup_of_an_unknown_model_fails_cleanly():
     result = runner.invoke(app, ["setup", "no-such-model", "--yes"])
     assert result.exit_code != 0

@@ -11,6 +11,7 @@ from specchat.iostats import disk_read_bytes
 from specchat.lm import LayeredLM, causal_visibility
 from specchat.loading import load_resident
 from specchat.offload import layer_compute_bytes, load_streamed, plan_offload
+from specchat.quant4 import quantizable, roundtrip_nf4
 from specchat.store import MANIFEST, build_store, open_store
 
 from tiny import tiny_hf
@@ -119,3 +120,51 @@ def test_layer_compute_bytes_counts_every_parameter(model_dir, tmp_path):
     resident = load_resident(model_dir).lm
     layer = next(resident.layer_source.layers())
     assert layer_compute_bytes(store, torch.float32) == sum(p.numel() * 4 for p in layer.parameters())
+
+
+def nf4_reference(model_dir) -> LayeredLM:
+    """The resident model with its weights as a 4-bit store gives them back."""
+    lm = load_resident(model_dir, torch.float32).lm
+    with torch.no_grad():
+        for layer in lm.layer_source.layers():
+            for name, param in layer.named_parameters():
+                param.copy_(roundtrip_nf4(param) if quantizable(name, tuple(param.shape)) else param.half().float())
+        for module in (lm.embed_tokens, lm.norm, lm.lm_head):
+            module.weight.copy_(module.weight.half().float())
+    return lm
+
+
+@pytest.mark.parametrize("resident_layers", [0, 2])
+def test_nf4_streamed_forward_equals_resident_forward_of_the_same_4bit_weights(model_dir, tmp_path, resident_layers):
+    store = build_store(model_dir, tmp_path / "store", "nf4")
+    assert {slot.dtype for slot in store.layout} == {"nf4", "float16"}
+    streamed = load_streamed(store, torch.float32, resident_layers=resident_layers)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    assert torch.allclose(logits(streamed, ids), logits(nf4_reference(model_dir), ids), atol=1e-5)
+    # ... and 4-bit is an approximation of the 16-bit model, not something else.
+    full = logits(load_resident(model_dir, torch.float32).lm, ids)
+    assert (logits(streamed, ids).argmax(-1) == full.argmax(-1)).float().mean() >= 0.5
+
+
+def test_nf4_store_streams_about_4_5_bits_per_weight(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "nf4")
+    fp16 = build_store(model_dir, tmp_path / "store16", "float16")
+    weights = sum(torch.Size(s.shape).numel() for s in store.layout if s.dtype == "nf4")
+    assert sum(s.nbytes for s in store.layout if s.dtype == "nf4") == weights // 2 + weights // 64 * 4
+    streamed = load_streamed(store, resident_layers=1)
+    logits(streamed, [1, 2])
+    before, requested = disk_read_bytes(), streamed.bytes_read()
+    logits(streamed, [1, 2, 3])
+    assert streamed.bytes_read() - requested == 3 * store.layer_bytes
+    # Tiny tensors are padded to 4 KiB each; the payload is what shrinks.
+    assert sum(s.nbytes for s in store.layout) < 0.3 * sum(s.nbytes for s in fp16.layout)
+    if os.path.exists("/proc/self/io"):
+        assert abs((disk_read_bytes() - before) - 3 * store.layer_bytes) <= 0.1 * 3 * store.layer_bytes
+
+
+def test_nf4_roundtrip_error_is_within_the_4bit_grid():
+    weight = torch.randn(64, 128)
+    error = (roundtrip_nf4(weight) - weight).abs().view(-1, 64)
+    absmax = weight.view(-1, 64).abs().amax(dim=1, keepdim=True)
+    assert (error <= absmax * 0.17).all()  # half the widest gap between NF4 levels is ~0.15
+    assert error.mean() < 0.1 * weight.abs().mean()

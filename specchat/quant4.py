@@ -1,0 +1,89 @@
+"""4-bit NF4 weights (bitsandbytes), as the layer store keeps and streams them.
+
+NF4 (QLoRA, arXiv 2305.14314, section 3) splits a weight matrix, flattened,
+into blocks of 64 values; each block keeps one float32 ``absmax`` and each value
+becomes the index (4 bits) of the nearest of 16 normal-distribution quantiles
+``code`` in [-1, 1]:  w ~= code[index] * absmax[block].  Two indices share one
+byte (high nibble first), so a matrix of n values takes n/2 bytes + n/64 * 4
+bytes of absmax: 4.5 bits per weight.  No double quantisation, so that
+dequantising is one pass.
+
+Only 2-D weights (the linear layers) are quantised; norms and biases stay 16-bit,
+as do the embeddings and the LM head (resident anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+BLOCK = 64
+DEQUANT_DTYPE = torch.float16  # bitsandbytes' CPU kernel is fastest writing 16-bit; copied on to the compute dtype
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise ConfigError(
+            "4-bit weights need bitsandbytes, which is not installed", "pip install 'bitsandbytes>=0.49' or use --quant 16bit"
+        ) from exc
+    return functional
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """The tensors stored as NF4: the 2-D weights of a decoder layer."""
+    return name.endswith(".weight") and len(shape) == 2
+
+
+def packed_bytes(shape: tuple[int, ...]) -> int:
+    return (torch.Size(shape).numel() + 1) // 2
+
+
+def absmax_count(shape: tuple[int, ...]) -> int:
+    return -(-torch.Size(shape).numel() // BLOCK)
+
+
+def absmax_offset(shape: tuple[int, ...]) -> int:
+    """Where the float32 absmax follows the packed bytes (4-byte aligned)."""
+    return (packed_bytes(shape) + 3) // 4 * 4
+
+
+def nf4_bytes(shape: tuple[int, ...]) -> int:
+    return absmax_offset(shape) + 4 * absmax_count(shape)
+
+
+def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 (n/2,), absmax float32 (n/64,)) of ``weight``, quantised from float32."""
+    functional = _bnb()
+    packed, state = functional.quantize_4bit(
+        weight.detach().float().contiguous(), blocksize=BLOCK, compress_statistics=False, quant_type="nf4"
+    )
+    return packed.view(-1), state.absmax.float().view(-1)
+
+
+_CODE: torch.Tensor | None = None
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The (shape) weight in :data:`DEQUANT_DTYPE` from its packed bytes and block absmax."""
+    global _CODE
+    functional = _bnb()
+    if _CODE is None:
+        _CODE = functional.get_4bit_type("nf4", device="cpu")
+    state = functional.QuantState(
+        absmax=absmax.to(packed.device),
+        shape=torch.Size(shape),
+        code=_CODE.to(packed.device),
+        blocksize=BLOCK,
+        quant_type="nf4",
+        dtype=DEQUANT_DTYPE,
+    )
+    return functional.dequantize_4bit(packed.view(-1, 1), state)
+
+
+def roundtrip_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as the 4-bit store gives it back (for tests and quality checks)."""
+    packed, absmax = quantize_nf4(weight)
+    return dequantize_nf4(packed, absmax, tuple(weight.shape)).to(weight.dtype)
