@@ -125,6 +125,14 @@ def run_bench(pipeline, bench: BenchConfig, base: GenerationConfig, on_run: Call
     return list(rows.values())
 
 
+def physical_limit(row: Row, stream_bytes_per_s: float | None) -> float | None:
+    """tokens/s if every pass cost only its stream: (tokens/pass) x (bandwidth) / (bytes streamed per pass)."""
+    per_pass = row.per_pass("decode_read_bytes")
+    if not stream_bytes_per_s or per_pass <= 0:
+        return None
+    return row.tokens_per_pass * stream_bytes_per_s / per_pass
+
+
 def ratios_to_ar(rows: list[Row]) -> dict[tuple[str, int, float], float]:
     ar = {row.temperature: row.tokens_per_s for row in rows if row.method == "ar"}
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.progress import Progress
@@ -12,7 +13,7 @@ from .config import RunConfig
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
 from .oneshot import stderr_progress
-from .pipeline import load_pipeline
+from .pipeline import ensure_calibration, load_pipeline
 from .views import bench_json, bench_table
 
 
@@ -27,6 +28,7 @@ def run_bench_command(
     max_new_tokens: int,
     seed: int,
     as_json: bool,
+    calibrate: bool = False,
 ) -> None:
     for method in methods:
         if method not in METHODS:
@@ -41,10 +43,16 @@ def run_bench_command(
     # "ar" needs no draft, but the other methods do: load one only if some method uses it.
     needs_draft = any(m != "ar" for m in methods)
     pipeline = load_pipeline(settings if needs_draft else _without_draft(settings), stderr_progress)
+    if calibrate and pipeline.draft is not None:
+        ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=True)
+    bandwidths = [_stream_bandwidth(pipeline)]
     total = len(bench.prompts) * len(configurations(bench))
     with Progress(console=None, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("benchmarking", total=total)
-        rows = run_bench(pipeline, bench, settings.generation(pipeline.auto_start), lambda: progress.advance(task))
+        rows = run_bench(pipeline, bench, settings.generation(), lambda: progress.advance(task))
+    bandwidths.append(_stream_bandwidth(pipeline))
+    measured = [b for b in bandwidths if b]
+    stream_bytes_per_s = sum(measured) / len(measured) if measured else None  # before and after the runs
     setup = {
         "target": pipeline.target_name,
         "draft": pipeline.draft_name,
@@ -56,13 +64,17 @@ def run_bench_command(
         "top_p": top_p,
     }
     if as_json:
-        bench_json(rows, setup, sys.stdout)
+        bench_json(rows, setup, sys.stdout, stream_bytes_per_s)
     else:
         print(" | ".join(f"{k}: {v}" for k, v in setup.items()), file=sys.stderr)
-        bench_table(rows, sys.stdout)
+        bench_table(rows, sys.stdout, stream_bytes_per_s)
+
+
+def _stream_bandwidth(pipeline) -> float | None:
+    """The streamed target's layer files read alone (None when nothing streams)."""
+    measure = getattr(pipeline.engine.target.layer_source, "measure_stream_bandwidth", None)
+    return measure() if measure else None
 
 
 def _without_draft(settings: RunConfig) -> RunConfig:
-    from dataclasses import replace
-
     return replace(settings, draft="none")

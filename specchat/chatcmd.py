@@ -32,7 +32,7 @@ def _load(settings: RunConfig):
 def run_chat(settings: RunConfig, resume: Path | None) -> None:
     pipeline = _load(settings)
     stderr_progress(pipeline.draft_reason)
-    session = ChatSession(pipeline, settings.generation(pipeline.auto_start), system=settings.system)
+    session = ChatSession(pipeline, settings.generation(), system=settings.system)
     if resume is not None:
         load_session(session, resume)
         stderr_progress(f"resumed {len(session.messages)} messages from {resume}")

@@ -225,6 +225,7 @@ def bench(
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Re-measure the cost model behind --budget auto first.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Measure tokens per pass and tokens/s of each method and budget on a prompt set."""
@@ -244,6 +245,7 @@ def bench(
             max_new_tokens=max_new_tokens,
             seed=seed,
             as_json=json_output,
+            calibrate=calibrate,
         )
 
 

@@ -69,11 +69,11 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError(f"invalid setting: {exc}", "see `specchat run --help`") from exc
 
-    def generation(self, auto_start: int = 16) -> GenerationConfig:
-        """The engine's settings; ``auto_start`` is where ``--budget auto`` starts tuning."""
+    def generation(self) -> GenerationConfig:
+        """The engine's settings (with ``--budget auto`` the cost model picks each pass's budget)."""
         return GenerationConfig(
             method="ar" if self.draft == "none" else self.method,  # no draft: plain decoding
-            budget=self.budget if self.budget is not None else auto_start,
+            budget=self.budget if self.budget is not None else 64,
             auto_budget=self.budget is None,
             max_depth=self.max_depth,
             draft_batch=self.draft_batch,

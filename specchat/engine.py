@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .events import DoneEvent, Event, GenerationStats, TextEvent
-from .autobudget import BudgetTuner
+from .calibrate import measure_calibration
+from .costmodel import Calibration, CostModelTuner
 from .growth import GrowthParams, grow_specexec, grow_specinfer
 from .iostats import disk_read_bytes
 from .lm import LanguageModel, causal_visibility
@@ -54,7 +55,7 @@ class GenerationConfig:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     adaptive: bool = True  # SpecExec: stop growing when a draft step costs more than it adds
-    auto_budget: bool = False  # tune the budget per pass from measured tokens/s (``budget`` is the start)
+    auto_budget: bool = False  # choose the budget per pass from the cost model (``budget`` is then ignored)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,7 +97,9 @@ class Engine:
         # Running costs (seconds) that SpecExec's adaptive stop weighs; None until measured.
         self._draft_step_s: float | None = None
         self._target_pass_s: dict[int, float] = {}  # by budget
-        self.tuners: dict[tuple[str, bool], BudgetTuner] = {}  # --budget auto, per (method, greedy)
+        # --budget auto: measured costs (set by the pipeline, or measured on first use) and a tuner per (method, greedy)
+        self.calibration: Calibration | None = None
+        self.tuners: dict[tuple[str, bool], CostModelTuner] = {}
 
     # -- public ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Event]:
@@ -120,7 +123,7 @@ class Engine:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
                 drawn, tree_size, draft_s, target_s = self._one_pass(pass_config, generator)
                 if tuner:
-                    tuner.observe(pass_config.budget, len(drawn), draft_s + target_s)
+                    tuner.observe(pass_config.budget, len(drawn), draft_s, target_s)
                 passes += 1
                 draft_total += draft_s
                 target_total += target_s
@@ -160,10 +163,13 @@ class Engine:
         finally:
             self._repair()
 
-    def tuner_for(self, config: GenerationConfig) -> BudgetTuner:
+    def tuner_for(self, config: GenerationConfig) -> CostModelTuner:
+        """The ``--budget auto`` tuner of this method and sampling mode (calibrating first if nobody has)."""
         key = (config.method, config.sampling.greedy)
         if key not in self.tuners:
-            self.tuners[key] = BudgetTuner(config.budget)
+            if self.calibration is None:
+                self.calibration = measure_calibration(self.target, self.draft, config.max_depth, config.draft_batch)
+            self.tuners[key] = CostModelTuner(self.calibration, config.method, config.max_depth)
         return self.tuners[key]
 
     def reset(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cpulinear import WeightLeftLinear, use_weight_left_linears
 from .errors import CorruptModel, InputError
 from .lm import LayeredLM, ResidentLayers
 
@@ -90,6 +91,7 @@ def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = 
     except Exception as exc:  # safetensors/transformers raise many types for a damaged file
         raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
     model.to(device).eval()
+    use_weight_left_linears(model)
     return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
 
 
@@ -106,6 +108,9 @@ def quantize_int8(lm: LayeredLM) -> LayeredLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layers = nn.ModuleList(lm.layer_source.layers())
+        for module in [*layers.modules(), lm.lm_head]:  # back to plain Linear, which quantize_dynamic maps
+            if isinstance(module, WeightLeftLinear):
+                module.__class__ = nn.Linear
         quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8, inplace=True)
         head = quantize_dynamic(nn.Sequential(lm.lm_head), {nn.Linear}, dtype=torch.qint8)
     lm.layer_source = ResidentLayers(layers)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cpulinear import use_weight_left_linears
 from .lm import LayeredLM
 from .store import RESIDENT, Store
 from .streamer import StreamedLayers
@@ -77,11 +78,12 @@ def load_streamed(
     skeleton.load_state_dict(weights, strict=False, assign=True)
     skeleton.model.rotary_emb = rotary_class(config=config)
     skeleton.eval()
+    use_weight_left_linears(skeleton)
 
     def make_layer(index: int) -> nn.Module:
         with torch.device("meta"):
             layer = layer_class(config, index)
-        return layer.to_empty(device="cpu").to(compute_dtype).eval()
+        return use_weight_left_linears(layer.to_empty(device="cpu").to(compute_dtype).eval())
 
     source = StreamedLayers(store, make_layer, resident=set(range(resident_layers)), ring=ring, direct=direct)
     return LayeredLM(skeleton, source)

@@ -56,7 +56,7 @@ def run_oneshot(
         )
     done = None
     try:
-        for event in pipeline.engine.generate(prompt_ids, config.generation(pipeline.auto_start)):
+        for event in pipeline.engine.generate(prompt_ids, config.generation()):
             if isinstance(event, TextEvent) and not as_json:
                 out.write(event.text)
                 out.flush()

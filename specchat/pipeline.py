@@ -10,7 +10,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from .calibrate import measure_calibration
 from .config import RunConfig
+from .costmodel import Calibration, load_calibration, save_calibration
 from .engine import Engine
 from .errors import InputError, ModelNotFound, ResourceError
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
@@ -33,11 +35,6 @@ class Pipeline:
     draft_name: str | None
     draft_reason: str
     offload: OffloadPlan
-
-    @property
-    def auto_start(self) -> int:
-        """Where --budget auto starts: big trees when the target streams, small when it is resident."""
-        return 64 if self.offload.mode == "ssd" else 8
 
     @property
     def tokenizer(self):
@@ -186,7 +183,42 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
         if config.draft_quant == "int8":
             quantize_int8(draft.lm)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
-    return Pipeline(
-        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan
+    pipeline = Pipeline(engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan)
+    if draft is not None and config.budget is None:  # --budget auto runs on the cost model
+        ensure_calibration(pipeline, config, progress)
+    return pipeline
+
+
+def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
+    """What the measured costs depend on: models, precisions, placement, threads, growth width."""
+    from . import __version__
+
+    return (
+        f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} "
+        f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers} "
+        f"draft={pipeline.draft_name} {config.draft_quant} batch={config.draft_batch} depth={config.max_depth} "
+        f"threads={torch.get_num_threads()} specchat={__version__}"
     )
+
+
+def calibration_file() -> Path:
+    """Kept with the config: the costs belong to this machine and these settings."""
+    from .paths import config_file
+
+    return config_file().parent / "calibration.json"
+
+
+def ensure_calibration(pipeline: Pipeline, config: RunConfig, progress: Progress, force: bool = False) -> Calibration:
+    """The engine's calibration: the saved one for these settings, else measured now and saved."""
+    key = calibration_key(pipeline, config)
+    calibration = None if force else load_calibration(calibration_file(), key)
+    if calibration is None:
+        progress("measuring pass times for --budget auto (once for these settings; `specchat setup` does it too)")
+        engine = pipeline.engine
+        calibration = measure_calibration(engine.target, engine.draft, config.max_depth, config.draft_batch, progress=progress)
+        save_calibration(calibration_file(), key, calibration)
+        progress(f"calibration saved to {calibration_file()}")
+    pipeline.engine.calibration = calibration
+    pipeline.engine.tuners.clear()
+    return calibration
 

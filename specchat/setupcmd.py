@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 import sys
 import tomllib
 from pathlib import Path
@@ -121,3 +122,18 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
     }
     write_config(config_file(), values)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
+    if draft_name is not None:
+        calibrate_setup(replace(settings, model=values["model"], draft=draft_name, offload=plan.mode, quant=quant), progress)
+
+
+def calibrate_setup(settings: RunConfig, progress) -> None:
+    """Load the pair as `run` will, measure the cost model for --budget auto, and say what it would choose."""
+    from .costmodel import CostModelTuner
+    from .pipeline import ensure_calibration, load_pipeline
+
+    pipeline = load_pipeline(replace(settings, budget=1), progress)  # a fixed budget: no calibration inside
+    calibration = ensure_calibration(pipeline, replace(settings, budget=None), progress, force=True)
+    table = ", ".join(f"{k} tokens {s:.2f}s" for k, s in sorted(calibration.target_s.items()))
+    progress(f"target pass: {table}")
+    tuner = CostModelTuner(calibration, "specexec", settings.max_depth)
+    progress(f"--budget auto starts at {tuner.explain()}")

@@ -1,12 +1,17 @@
-"""Streaming decoder layers from the layer store through a ring of preallocated slots.
+"""Streaming decoder layers from the layer store: disk -> read buffers -> layer slots -> compute.
 
-A slot is one decoder-layer module in the compute dtype plus a page-aligned
-read buffer.  While the caller computes layer j in one slot, a reader thread
-fills the next slot with layer j+1: it reads the layer file (O_DIRECT where
-the filesystem allows it, otherwise a buffered read followed by
-POSIX_FADV_DONTNEED, so that the page cache cannot quietly turn SSD mode into
-RAM mode) and copies the tensors into the slot's parameters, converting
-16-bit storage to the compute dtype.
+Three stages run at once, each on its own thread, so that a pass costs about
+max(read, convert, compute) per layer instead of their sum:
+
+  read     an I/O thread fills a ring of page-aligned *read buffers* with whole
+           layer files (O_DIRECT where the filesystem allows it, otherwise a
+           buffered read followed by POSIX_FADV_DONTNEED, so that the page cache
+           cannot quietly turn SSD mode into RAM mode);
+  convert  a second thread turns a read buffer into a *layer slot* -- a decoder
+           layer module in the compute dtype -- converting 16-bit storage or
+           dequantising 4-bit NF4 weights, then frees the buffer for the next read;
+  compute  the caller runs the slot's layer; when it asks for the next layer, the
+           slot it leaves is handed to the conversion of a later layer.
 
 Layers listed as resident (those that fit ``--ram-budget``) are loaded once and
 never read again.
@@ -31,13 +36,31 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class LayerSlot:
+    """A decoder layer module in the compute dtype that streamed layers pass through."""
+
     def __init__(self, module: nn.Module, store: Store) -> None:
         self.module = module
-        self.buffer = mmap.mmap(-1, store.layer_bytes)  # page-aligned, as O_DIRECT needs
-        self.params = dict(module.named_parameters())
-        self.views = [(self.params[s.name], _stored_view(self.buffer, s)) for s in store.layout]
+        params = dict(module.named_parameters())
+        self.params = [params[s.name] for s in store.layout]  # in layout order
 
 
+class ReadBuffer:
+    """A page-aligned buffer (as O_DIRECT needs) holding one layer file, with views of its tensors."""
+
+    def __init__(self, store: Store) -> None:
+        self.buffer = mmap.mmap(-1, store.layer_bytes)
+        self.views = [_stored_view(self.buffer, s) for s in store.layout]
+
+    def convert_into(self, slot: LayerSlot) -> None:
+        with torch.no_grad():
+            for param, stored in zip(slot.params, self.views):
+                if isinstance(stored, tuple):  # NF4: (packed (n/2,) uint8, absmax (n/64,) float32)
+                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+                else:
+                    param.copy_(stored)  # (shape) 16-bit -> compute dtype
+
+
+CONVERT_THREADS = 1  # torch threads of the conversion stage (a per-thread setting)
 CHUNK = 4 << 20  # bytes per read request; several in flight keep the SSD's queue busy
 READ_THREADS = 4
 
@@ -99,7 +122,7 @@ class StoreReader:
 
 
 class StreamedLayers:
-    """A :class:`~specchat.lm.LayerSource` over a store, with a ring of >= 2 slots."""
+    """A :class:`~specchat.lm.LayerSource` over a store: >= 2 read buffers and >= 2 layer slots."""
 
     def __init__(
         self,
@@ -113,30 +136,43 @@ class StreamedLayers:
         self.reader = StoreReader(store, direct)
         self.streamed = [i for i in range(store.num_layers) if i not in resident]
         self.resident: dict[int, nn.Module] = {}
+        depth = min(ring, max(len(self.streamed), 1))
+        self.buffers = [ReadBuffer(store) for _ in range(depth)]
         for index in sorted(resident):
             slot = LayerSlot(make_layer(index), store)
-            self._fill(slot, index)
+            self.reader.read_into(index, self.buffers[0].buffer)
+            self.buffers[0].convert_into(slot)
             self.resident[index] = slot.module
-            slot.buffer.close()
-        self.slots = [LayerSlot(make_layer(0), store) for _ in range(min(ring, max(len(self.streamed), 1)))]
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specchat-reader")
-
-    def _fill(self, slot: LayerSlot, index: int) -> LayerSlot:
-        self.reader.read_into(index, slot.buffer)
-        with torch.no_grad():
-            for param, stored in slot.views:
-                if isinstance(stored, tuple):  # NF4: (packed (n/2,) uint8, absmax (n/64,) float32)
-                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
-                else:
-                    param.copy_(stored)  # (shape) 16-bit -> compute dtype
-        _set_layer_index(slot.module, index)
-        return slot
+        self.slots = [LayerSlot(make_layer(0), store) for _ in range(depth)]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specchat-read")
+        # One CPU thread converts, so that it does not fight the compute threads for the cores.
+        self._convert = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="specchat-convert", initializer=torch.set_num_threads, initargs=(CONVERT_THREADS,)
+        )
 
     def layers(self) -> Iterator[nn.Module]:
-        pending: dict[int, Future] = {}
-        order = self.streamed
-        for k, index in enumerate(order[: len(self.slots)]):
-            pending[index] = self._pool.submit(self._fill, self.slots[k], index)
+        """Yield every decoder layer in order; streamed ones are read and converted ahead."""
+        order = self.streamed  # position q in the stream -> layer index
+        reads: dict[int, Future] = {}
+        fills: dict[int, Future] = {}
+        n_buffers, n_slots = len(self.buffers), len(self.slots)
+
+        def read(q: int) -> None:
+            self.reader.read_into(order[q], self.buffers[q % n_buffers].buffer)
+
+        def fill(q: int) -> LayerSlot:
+            reads.pop(q).result()
+            slot = self.slots[q % n_slots]
+            self.buffers[q % n_buffers].convert_into(slot)
+            _set_layer_index(slot.module, order[q])
+            if q + n_buffers < len(order):  # this read buffer is free: start a later read
+                reads[q + n_buffers] = self._io.submit(read, q + n_buffers)
+            return slot
+
+        for q in range(min(n_buffers, len(order))):
+            reads[q] = self._io.submit(read, q)
+        for q in range(min(n_slots, len(order))):
+            fills[q] = self._convert.submit(fill, q)
         position = 0
         try:
             for index in range(self.store.num_layers):
@@ -144,19 +180,33 @@ class StreamedLayers:
                     _set_layer_index(self.resident[index], index)
                     yield self.resident[index]
                     continue
-                slot = pending.pop(index).result()
+                slot = fills.pop(position).result()
                 yield slot.module
-                # The caller is done with this slot: start the layer that will reuse it.
-                following = position + len(self.slots)
-                if following < len(order):
-                    pending[order[following]] = self._pool.submit(self._fill, slot, order[following])
+                # The caller is done with this slot: convert the layer that will reuse it.
+                if position + n_slots < len(order):
+                    fills[position + n_slots] = self._convert.submit(fill, position + n_slots)
                 position += 1
         finally:
-            for future in pending.values():  # an interrupted pass: let reads finish, drop them
+            for future in list(fills.values()) + list(reads.values()):  # an interrupted pass: let work finish
+                future.exception()
+            for future in list(reads.values()):  # reads started by the fills just awaited
                 future.exception()
 
     def bytes_read(self) -> int:
         return self.reader.bytes
+
+    def measure_stream_bandwidth(self) -> float | None:
+        """Bytes/s of reading every streamed layer file once, alone (the stream's physical limit)."""
+        if not self.streamed:
+            return None
+        import time
+
+        scratch = mmap.mmap(-1, self.store.layer_bytes)
+        start = time.perf_counter()
+        for index in self.streamed:
+            self.reader.read_into(index, scratch)
+        scratch.close()
+        return len(self.streamed) * self.store.layer_bytes / (time.perf_counter() - start)
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for m in self.resident.values() for p in m.parameters())

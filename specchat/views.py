@@ -8,13 +8,14 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from .bench import AUTO, Row, ratios_to_ar
+from .bench import AUTO, Row, physical_limit, ratios_to_ar
 
 
-def bench_table(rows: list[Row], out: TextIO) -> None:
+def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None) -> None:
     ratios = ratios_to_ar(rows)
     table = Table(title="specchat bench", title_justify="left")
-    for header in ("method", "budget", "temp", "prompts", "tok/pass", "tok/s", "vs AR", "target s/pass", "draft s/pass", "MB read/pass"):
+    headers = ("method", "budget", "temp", "prompts", "tok/pass", "tok/s", "vs AR", "target s/pass", "draft s/pass", "MB read/pass", "limit tok/s", "of limit")
+    for header in headers:
         table.add_column(header, justify="left" if header == "method" else "right")
     for row in rows:
         ratio = ratios.get((row.method, row.budget, row.temperature))
@@ -29,19 +30,41 @@ def bench_table(rows: list[Row], out: TextIO) -> None:
             f"{row.per_pass('target_s'):.2f}",
             f"{row.per_pass('draft_s'):.2f}",
             f"{row.per_pass('decode_read_bytes') / 1e6:.0f}",
+            *_limit_cells(row, stream_bytes_per_s),
         )
-    Console(file=out, width=140).print(table)
+    console = Console(file=out, width=160)
+    console.print(table)
+    if stream_bytes_per_s:
+        console.print(
+            f"limit: tokens/s if a pass cost only its stream = (tok/pass) x {stream_bytes_per_s / 1e9:.2f} GB/s "
+            "(the layer files read alone) / (bytes read per pass)"
+        )
 
 
-def bench_json(rows: list[Row], setup: dict, out: TextIO) -> None:
+def _limit_cells(row: Row, stream_bytes_per_s: float | None) -> tuple[str, str]:
+    limit = physical_limit(row, stream_bytes_per_s)
+    if limit is None:
+        return "-", "-"
+    return f"{limit:.2f}", f"{row.tokens_per_s / limit:.0%}"
+
+
+def bench_json(rows: list[Row], setup: dict, out: TextIO, stream_bytes_per_s: float | None = None) -> None:
     ratios = ratios_to_ar(rows)
     payload = {
-        "setup": setup,
+        "setup": setup | {"stream_bytes_per_s": stream_bytes_per_s},
         "rows": [
-            row.to_dict() | {"ratio_to_ar": ratios.get((row.method, row.budget, row.temperature))} for row in rows
+            row.to_dict()
+            | {"ratio_to_ar": ratios.get((row.method, row.budget, row.temperature))}
+            | _limit_json(row, stream_bytes_per_s)
+            for row in rows
         ],
     }
     out.write(json.dumps(payload, indent=1) + "\n")
+
+
+def _limit_json(row: Row, stream_bytes_per_s: float | None) -> dict:
+    limit = physical_limit(row, stream_bytes_per_s)
+    return {"physical_limit_tok_s": limit, "of_limit": row.tokens_per_s / limit if limit else None}
 
 
 def _gb(n: float) -> str:

@@ -1,52 +1,98 @@
-"""The budget tuner climbs to big trees when passes cost the same for any size, stays small when they do not."""
+"""--budget auto: the calibrated cost model picks big trees when passes cost the same for any size, small ones when not."""
 
+import json
 import math
 
 import pytest
 
-from specchat.autobudget import BudgetTuner
+from specchat.calibrate import TREE_SIZES, measure_calibration
+from specchat.costmodel import CANDIDATES, Calibration, CostModelTuner, interpolate, load_calibration, save_calibration
 from specchat.engine import Engine, GenerationConfig
 
 from tiny import CharTokenizer, tiny_lm
 
 
-def tokens_per_pass(k: int) -> float:
-    return 1 + 1.5 * math.log2(k + 1)  # grows like log K, as the SpecExec paper measures
+def log_tokens(k: int) -> float:
+    return 1 + 0.6 * math.log2(k + 1)  # grows like log K, as the SpecExec paper measures
 
 
-def simulate(seconds_per_pass, start: int, passes: int = 200) -> BudgetTuner:
-    tuner = BudgetTuner(start)
+def saturating_tokens(k: int) -> float:
+    return min(1 + 1.5 * math.log2(k + 1), 5.0)  # a draft that agrees for at most ~4 tokens
+
+
+SCENARIOS = {
+    "streamed: flat until compute catches up at ~256": (lambda k: 2.5 + max(0.0, (k - 256) * 0.01), lambda k: 0.05 + 0.002 * k),
+    "resident CPU: compute grows with K": (lambda k: 0.4 + 0.08 * k, lambda k: 0.05 + 0.002 * k),
+    "in between": (lambda k: 1.0 + 0.02 * k, lambda k: 0.05 + 0.004 * k),
+}
+
+
+def calibrate(target_s, draft_s) -> Calibration:
+    return Calibration({k: target_s(k) for k in TREE_SIZES}, {"specexec": {k: draft_s(k) for k in TREE_SIZES}})
+
+
+def simulate(tuner: CostModelTuner, tokens, target_s, draft_s, passes: int = 60, slowdown: float = 1.0) -> CostModelTuner:
     for _ in range(passes):
         k = tuner.current
-        tuner.observe(k, round(tokens_per_pass(k)), seconds_per_pass(k))
+        tuner.observe(k, tokens(k), slowdown * draft_s(k), slowdown * target_s(k))
     return tuner
 
 
-def best_fixed(seconds_per_pass) -> int:
-    ks = [2 ** i for i in range(1, 11)]
-    return max(ks, key=lambda k: round(tokens_per_pass(k)) / seconds_per_pass(k))
+def rate(k, tokens, target_s, draft_s) -> float:
+    return tokens(k) / (target_s(k) + draft_s(k))
+
+
+@pytest.mark.parametrize("tokens", [log_tokens, saturating_tokens], ids=["log", "saturating"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("slowdown", [1.0, 2.0])
+def test_auto_comes_within_10_percent_of_the_best_fixed_budget(scenario, tokens, slowdown):
+    target_s, draft_s = SCENARIOS[scenario]
+    tuner = simulate(CostModelTuner(calibrate(target_s, draft_s), "specexec", max_depth=32), tokens, target_s, draft_s, slowdown=slowdown)
+    best = max(CANDIDATES, key=lambda k: rate(k, tokens, target_s, draft_s))
+    assert rate(tuner.current, tokens, target_s, draft_s) >= 0.9 * rate(best, tokens, target_s, draft_s), (tuner.current, best)
+
+
+def test_streamed_targets_get_big_trees_and_resident_cpu_targets_small_ones():
+    streamed = CostModelTuner(calibrate(*SCENARIOS["streamed: flat until compute catches up at ~256"]), "specexec", 32)
+    resident = CostModelTuner(calibrate(*SCENARIOS["resident CPU: compute grows with K"]), "specexec", 32)
+    assert streamed.current >= 128 and resident.current <= 16
+
+
+def test_explain_says_what_it_predicts_and_why():
+    tuner = CostModelTuner(Calibration({1: 1.0, 256: 1.0}, {"specexec": {1: 0.1, 256: 0.1}}), "specexec", 32)
+    text = tuner.explain()
+    assert text.startswith(f"K={tuner.current}: predicted ")
+    assert "tok/pass" in text and "s draft" in text and "next best K=" in text
 
 
 @pytest.mark.parametrize(
-    "name, cost",
-    [
-        ("streamed: flat until compute catches up at ~256", lambda k: 2.5 + max(0.0, (k - 256) * 0.01)),
-        ("resident CPU: compute grows with K", lambda k: 0.4 + 0.08 * k),
-        ("in between", lambda k: 1.0 + 0.02 * k),
-    ],
+    "k, expected",
+    [(0, 1.0), (1, 1.0), (2, 1.0 + 7 / 15), (16, 8.0), (24, 9.0), (32, 10.0), (64, 14.0)],
 )
-def test_the_tuner_finds_the_best_fixed_budget(name, cost):
-    for start in (2, 16, 512):
-        tuner = simulate(cost, start)
-        best = best_fixed(cost)
-        ours = round(tokens_per_pass(tuner.current)) / cost(tuner.current)
-        top = round(tokens_per_pass(best)) / cost(best)
-        assert ours >= 0.9 * top, (name, start, tuner.current, best)
+def test_interpolation_is_piecewise_linear_and_extends_the_last_segment(k, expected):
+    assert interpolate({1: 1.0, 16: 8.0, 32: 10.0}, k) == pytest.approx(expected)
 
 
-def test_explain_names_the_measurements():
-    tuner = simulate(lambda k: 1.0 + 0.02 * k, 16)
-    assert tuner.explain().startswith(f"K={tuner.current}, the fastest measured (K=")
+def test_calibration_file_round_trips_keeps_other_keys_and_tolerates_damage(tmp_path):
+    path = tmp_path / "calibration.json"
+    one = Calibration({1: 0.5, 64: 0.9}, {"specexec": {1: 0.1, 64: 0.3}}, {1: 0.01})
+    save_calibration(path, "a", one)
+    save_calibration(path, "b", Calibration({1: 2.0}, {}))
+    assert load_calibration(path, "a") == one
+    assert set(json.loads(path.read_text())) == {"a", "b"}
+    assert load_calibration(path, "missing") is None
+    path.write_text("{ not json")
+    assert load_calibration(path, "a") is None
+    save_calibration(path, "a", one)  # a damaged file is replaced, not fatal
+    assert load_calibration(path, "a") == one
+
+
+def test_measuring_a_tiny_pair_times_every_size_method_and_width():
+    calibration = measure_calibration(tiny_lm(0), tiny_lm(1), max_depth=8, batch=4)
+    assert set(calibration.target_s) == set(TREE_SIZES)
+    assert set(calibration.draft_s) == {"specexec", "specinfer"}
+    assert all(set(t) == set(TREE_SIZES) for t in calibration.draft_s.values())
+    assert calibration.draft_step_s and all(v > 0 for v in calibration.draft_step_s.values())
 
 
 def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
@@ -56,6 +102,7 @@ def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
     reference = Engine(target, None, CharTokenizer(), [])
     plain = list(reference.generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=60)))
     assert events[-1].token_ids == plain[-1].token_ids
-    sizes = {e.tree_size for e in events[:-1]}
-    assert len(sizes) > 1  # it tried more than one budget
-    assert engine.tuners[("specexec", True)].current >= 2
+    assert engine.calibration is not None  # measured on first use
+    tuner = engine.tuners[("specexec", True)]
+    assert tuner.current in CANDIDATES
+    assert {e.tree_size for e in events[:-1]} <= set(CANDIDATES)

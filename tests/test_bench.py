@@ -62,3 +62,22 @@ def test_prompts_file_errors(tmp_path):
     with pytest.raises(InputError, match="line 2"):
         load_prompts(bad, 10)
     assert len(load_prompts(None, 80)) == 80
+
+
+def test_streamed_bench_reports_the_physical_limit_and_recalibrates(tiny_dirs, tmp_path):
+    result = runner.invoke(app, [
+        "bench", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--offload", "ssd",
+        "--ram-budget", "1", "--store", str(tmp_path), "--n", "1", "--budgets", "4,auto", "--temperatures", "0",
+        "--methods", "specexec,ar", "--max-new-tokens", "6", "--calibrate", "--json",
+    ])
+    assert result.exit_code == 0, result.stderr
+    assert "measuring pass times for --budget auto" in result.stderr
+    payload = json.loads(result.stdout)
+    bandwidth = payload["setup"]["stream_bytes_per_s"]
+    assert bandwidth > 0
+    for row in payload["rows"]:
+        assert row["read_bytes_per_pass"] > 0
+        expected = row["tokens_per_pass"] * bandwidth / row["read_bytes_per_pass"]
+        assert row["physical_limit_tok_s"] == pytest.approx(expected)
+        assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / expected)
+    assert [r["budget"] for r in payload["rows"]] == [4, -1, 0]

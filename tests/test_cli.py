@@ -159,7 +159,8 @@ def test_not_enough_ram_is_refused_before_loading(tiny_dirs, monkeypatch):
 
 @pytest.mark.parametrize("offload", ["ssd", "none"])
 def test_4bit_target_runs_and_speculation_still_matches_plain_decoding(tiny_dirs, tmp_path, offload):
-    args = base_args(tiny_dirs, "--quant", "4bit", "--offload", offload, "--store", str(tmp_path), "--max-new-tokens", "12")
+    stores = tmp_path / "stores"
+    args = base_args(tiny_dirs, "--quant", "4bit", "--offload", offload, "--store", str(stores), "--max-new-tokens", "12")
     replies = {}
     for method in ("ar", "specexec", "specinfer"):
         result = runner.invoke(app, [*args, "--method", method, "--json", "a calm tide"])
@@ -168,4 +169,19 @@ def test_4bit_target_runs_and_speculation_still_matches_plain_decoding(tiny_dirs
         replies[method] = json.loads(result.stdout)["tokens"]
     assert replies["specexec"] == replies["ar"] == replies["specinfer"]
     assert len(replies["ar"]) == 12
-    assert [p.name.endswith("-nf4") for p in tmp_path.iterdir()] == [True]
+    assert [p.name.endswith("-nf4") for p in stores.iterdir()] == [True]
+
+
+def test_budget_auto_calibrates_once_per_settings_and_a_fixed_budget_never(tiny_dirs):
+    from specchat.pipeline import calibration_file
+
+    fixed = runner.invoke(app, base_args(tiny_dirs, "--budget", "8", "--max-new-tokens", "4", "the sea"))
+    assert fixed.exit_code == 0, fixed.stderr
+    assert "measuring pass times" not in fixed.stderr and not calibration_file().exists()
+    first = runner.invoke(app, base_args(tiny_dirs, "--max-new-tokens", "4", "the sea"))
+    assert first.exit_code == 0, first.stderr
+    assert "measuring pass times for --budget auto" in first.stderr and calibration_file().is_file()
+    second = runner.invoke(app, base_args(tiny_dirs, "--max-new-tokens", "4", "the sea"))
+    assert second.exit_code == 0, second.stderr
+    assert "measuring pass times" not in second.stderr
+    assert second.stdout == first.stdout

@@ -72,6 +72,8 @@ def test_setup_builds_the_store_writes_the_config_and_is_idempotent(tiny_dirs, t
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.stderr
     assert "layer store ready" in first.stderr
+    assert "measuring pass times for --budget auto" in first.stderr  # setup calibrates the cost model
+    assert "--budget auto starts at K=" in first.stderr
     built = {p.name: p.stat().st_mtime_ns for p in next(store.iterdir()).iterdir()}
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.stderr

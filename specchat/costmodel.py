@@ -1,0 +1,187 @@
+"""The cost model behind ``--budget auto``: calibrated pass times and an online acceptance curve.
+
+Throughput at tree budget K (SpecExec, arXiv 2406.02532, Sec. 3.3 / 5.2: one target
+pass verifies the whole tree, so a pass yields E[tokens | K] tokens):
+
+    tokens/s (K) = E[tokens per pass | K] / (D(K) + T(K))
+
+* T(K), the target pass over K tree tokens, and D(K), the draft's tree growth at
+  budget K, are **calibrated**: measured once per setup (``specchat setup``,
+  ``specchat bench --calibrate``, or on the first ``--budget auto`` run) at a few
+  sizes and interpolated piecewise-linearly in K (extrapolated along the last
+  segment).  On a streamed target T is flat until compute catches up with the
+  stream; on a resident CPU target it grows with K from the start.
+* Online, each pass's measured times rescale T and D (a running ratio of measured
+  to calibrated), so a busier machine moves the choice.
+* E[tokens | K] follows the paper's observation that accepted tokens grow about
+  with log K:  E(K) = 1 + beta * log2(1 + K), capped at max_depth + 1.  beta starts
+  at a prior and is re-estimated from every pass of the session (running mean of
+  (tokens - 1) / log2(1 + K_used)); where passes at a K have been measured, their
+  mean tokens replace the curve, so a budget whose acceptance saturated is judged
+  by what it really gave.
+
+The tuner picks the K among powers of two that maximises the predicted tokens/s.
+Because the log curve is only a model (a draft that agrees for a few tokens at most
+saturates it), once the chosen K has been measured the tuner also tries its
+unmeasured neighbours K/2 and 2K for a few passes each when the model rates them
+within :data:`EXPLORE_MARGIN` of the best; measured means then settle the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CANDIDATES = tuple(2**i for i in range(11))  # 1 .. 1024
+PRIOR_BETA = 0.6  # tokens per doubling of K; the demo pair measured 0.54-0.65 (docs/benchmarks.md)
+WEIGHT = 0.25  # of a new pass in the running estimates
+MEASURED_PASSES = 3  # passes at one K before their mean replaces the curve there
+WINDOW = 12
+EXPLORE_MARGIN = 0.8  # try an unmeasured neighbour predicted at >= this fraction of the best
+
+
+def interpolate(table: dict[int, float], k: float) -> float:
+    """Piecewise-linear in k through the measured points; linear beyond the last two, flat below the first."""
+    points = sorted(table.items())
+    if not points:
+        raise ValueError("empty calibration table")
+    if k <= points[0][0] or len(points) == 1:
+        return points[0][1] if k <= points[0][0] else points[-1][1]
+    for (k0, v0), (k1, v1) in zip(points, points[1:]):
+        if k <= k1:
+            return v0 + (v1 - v0) * (k - k0) / (k1 - k0)
+    (k0, v0), (k1, v1) = points[-2], points[-1]
+    return v1 + max(v1 - v0, 0.0) * (k - k1) / (k1 - k0)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured seconds: target pass vs. tree size, draft growth vs. budget (per method), draft step vs. width."""
+
+    target_s: dict[int, float]
+    draft_s: dict[str, dict[int, float]]  # method -> budget -> seconds of tree growth
+    draft_step_s: dict[int, float] = field(default_factory=dict)  # batch width -> seconds per draft forward
+
+    def target(self, k: int) -> float:
+        return interpolate(self.target_s, k)
+
+    def draft(self, method: str, k: int) -> float:
+        table = self.draft_s.get(method) or next(iter(self.draft_s.values()), {})
+        return interpolate(table, k) if table else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "target_s": {str(k): v for k, v in self.target_s.items()},
+            "draft_s": {m: {str(k): v for k, v in t.items()} for m, t in self.draft_s.items()},
+            "draft_step_s": {str(k): v for k, v in self.draft_step_s.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Calibration:
+        return cls(
+            target_s={int(k): float(v) for k, v in raw["target_s"].items()},
+            draft_s={m: {int(k): float(v) for k, v in t.items()} for m, t in raw["draft_s"].items()},
+            draft_step_s={int(k): float(v) for k, v in raw.get("draft_step_s", {}).items()},
+        )
+
+
+def load_calibration(path: Path, key: str) -> Calibration | None:
+    """The calibration saved under ``key``, or None (absent, or the file unreadable)."""
+    try:
+        raw = json.loads(path.read_text())
+        return Calibration.from_json(raw[key])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def save_calibration(path: Path, key: str, calibration: Calibration) -> None:
+    """Add or replace ``key`` in the calibration file (atomic replace; other keys kept)."""
+    try:
+        everything = json.loads(path.read_text())
+        if not isinstance(everything, dict):
+            everything = {}
+    except (OSError, ValueError):
+        everything = {}
+    everything[key] = calibration.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(everything, indent=1) + "\n")
+    temporary.replace(path)
+
+
+@dataclass
+class _Pass:
+    tokens: int
+    draft_s: float
+    target_s: float
+
+
+class CostModelTuner:
+    """Chooses the budget K with the highest predicted tokens/s; learns from every pass."""
+
+    def __init__(
+        self, calibration: Calibration, method: str, max_depth: int, initial: int | None = None, prior_beta: float = PRIOR_BETA
+    ) -> None:
+        self.calibration = calibration
+        self.method = method
+        self.max_depth = max_depth
+        self.beta = prior_beta
+        self.target_ratio = 1.0  # measured / calibrated target seconds
+        self.draft_ratio = 1.0
+        self._passes: dict[int, deque[_Pass]] = {}
+        self.current = initial if initial is not None else self.best()
+
+    # -- the model ---------------------------------------------------------------------
+    def expected_tokens(self, k: int) -> float:
+        runs = self._passes.get(k)
+        if runs and len(runs) >= MEASURED_PASSES:
+            return sum(r.tokens for r in runs) / len(runs)
+        return min(1.0 + self.beta * math.log2(1 + k), self.max_depth + 1.0)
+
+    def predicted_seconds(self, k: int) -> float:
+        return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
+
+    def throughput(self, k: int) -> float:
+        return self.expected_tokens(k) / max(self.predicted_seconds(k), 1e-9)
+
+    def best(self) -> int:
+        return max(CANDIDATES, key=lambda k: (self.throughput(k), -k))
+
+    def _measured(self, k: int) -> bool:
+        return len(self._passes.get(k, ())) >= MEASURED_PASSES
+
+    def _choose(self) -> int:
+        if not self._measured(self.current):
+            return self.current  # finish measuring the budget being tried
+        best = self.best()
+        if self._measured(best):
+            for neighbour in (best // 2, best * 2):
+                if neighbour in CANDIDATES and not self._measured(neighbour):
+                    if self.throughput(neighbour) >= EXPLORE_MARGIN * self.throughput(best):
+                        return neighbour
+        return best
+
+    # -- learning ----------------------------------------------------------------------
+    def observe(self, budget: int, tokens: float, draft_s: float, target_s: float) -> None:
+        self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(_Pass(tokens, draft_s, target_s))
+        self.beta = (1 - WEIGHT) * self.beta + WEIGHT * max(tokens - 1, 0) / math.log2(1 + budget)
+        calibrated_target = self.calibration.target(budget)
+        if calibrated_target > 0:
+            self.target_ratio = (1 - WEIGHT) * self.target_ratio + WEIGHT * target_s / calibrated_target
+        calibrated_draft = self.calibration.draft(self.method, budget)
+        if calibrated_draft > 0:
+            self.draft_ratio = (1 - WEIGHT) * self.draft_ratio + WEIGHT * draft_s / calibrated_draft
+        self.current = self._choose()
+
+    def explain(self) -> str:
+        k = self.current
+        second = max((c for c in CANDIDATES if c != k), key=self.throughput)
+        return (
+            f"K={k}: predicted {self.throughput(k):.2f} tok/s = {self.expected_tokens(k):.2f} tok/pass / "
+            f"({self.draft_ratio * self.calibration.draft(self.method, k):.2f} s draft + "
+            f"{self.target_ratio * self.calibration.target(k):.2f} s target); next best K={second} "
+            f"{self.throughput(second):.2f} tok/s; acceptance {self.beta:.2f} tok per doubling of K"
+        )
