@@ -120,6 +120,8 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
         "offload": plan.mode,
         "quant": quant,
     }
+    if settings.ram_budget is not None and plan.mode == "ssd":
+        values["ram_budget"] = settings.ram_budget  # the placement the calibration and later runs share
     write_config(config_file(), values)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if draft_name is not None:

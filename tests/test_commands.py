@@ -90,11 +90,13 @@ def test_setup_with_4bit_builds_an_nf4_store_and_writes_the_quant(tiny_dirs, tmp
     from specchat.paths import config_file
 
     store = tmp_path / "stores"
-    args = ["setup", str(tiny_dirs["target"]), "--draft", "none", "--quant", "4bit", "--offload", "ssd", "--store", str(store), "--yes"]
+    args = ["setup", str(tiny_dirs["target"]), "--draft", "none", "--quant", "4bit", "--offload", "ssd", "--store", str(store),
+            "--ram-budget", "1KB", "--yes"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert [p.name.endswith("-nf4") for p in store.iterdir()] == [True]
-    assert tomllib.loads(config_file().read_text())["quant"] == "4bit"
+    written = tomllib.loads(config_file().read_text())
+    assert (written["quant"], written["ram_budget"]) == ("4bit", 1000)
     run = runner.invoke(app, ["run", "--store", str(store), "--max-new-tokens", "4", "the sea"])
     assert run.exit_code == 0, run.stderr
     assert "4-bit NF4" in run.stderr
