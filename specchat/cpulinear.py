@@ -2,11 +2,11 @@
 
 ``nn.Linear`` computes y = x W^T with x (N, in) on the left.  For the N of a
 draft step or a verification tree (1 to a few hundred rows) the CPU BLAS here is
-up to 1.6x faster with the weight on the left: y^T = W x^T, (out, in) @ (in, N).
+up to 1.5x faster with the weight on the left: y^T = W x^T, (out, in) @ (in, N).
 Measured per product on the development machine (2 EPYC cores, ms, standard vs.
-weight-left, `benchmarks/cpu_matmul.py --linear`): N=16, 8960x1536: 13.2 vs 8.1;
-N=64: 21.3 vs 14.3; N=256: 52.6 vs 42.2; N=1: equal.  Same maths, same weights;
-only the order of the floating-point sums differs.
+weight-left, `benchmarks/linear_layout.py`): N=16, 8960x1536: 10.1 vs 6.6;
+N=64: 17.7 vs 13.5; N=256: 49.2 vs 44.7; N=1024: 186 vs 202 (a small loss).
+Same maths, same weights; only the order of the floating-point sums differs.
 """
 
 from __future__ import annotations
