@@ -32,6 +32,17 @@ class BenchConfig:
     seed: int
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished generation of a sweep: which prompt (by index) and configuration."""
+
+    prompt: int
+    method: str
+    budget: int
+    temperature: float
+    stats: GenerationStats
+
+
 @dataclass
 class Row:
     method: str
@@ -101,10 +112,19 @@ def configurations(bench: BenchConfig) -> list[tuple[str, int, float]]:
     return out
 
 
-def run_bench(pipeline, bench: BenchConfig, base: GenerationConfig, on_run: Callable[[], None]) -> list[Row]:
+def run_bench(
+    pipeline,
+    bench: BenchConfig,
+    base: GenerationConfig,
+    on_run: Callable[[RunRecord], None],
+    skip_prompts: frozenset[int] = frozenset(),
+) -> list[Row]:
+    """Every configuration on prompt 0, then on prompt 1, ...; ``skip_prompts`` (indices) are not run."""
     rows = {key: Row(*key) for key in configurations(bench)}
     engine = pipeline.engine
     for index, prompt in enumerate(bench.prompts):
+        if index in skip_prompts:
+            continue
         prompt_ids = pipeline.encode_chat([{"role": "user", "content": prompt}])
         for method, budget, temperature in rows:
             engine.reset()
@@ -121,7 +141,7 @@ def run_bench(pipeline, bench: BenchConfig, base: GenerationConfig, on_run: Call
             )
             done = [e for e in engine.generate(prompt_ids, config) if isinstance(e, DoneEvent)][-1]
             rows[(method, budget, temperature)].runs.append(done.stats)
-            on_run()
+            on_run(RunRecord(index, method, budget, temperature, done.stats))
     return list(rows.values())
 
 

@@ -1,20 +1,29 @@
-"""The `bench` command: validate, load once, run interleaved, render."""
+"""The `bench` command: validate, load once, run interleaved (logging each run), render."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.progress import Progress
 
-from .bench import AUTO, BenchConfig, configurations, load_prompts, run_bench
+from .bench import AUTO, BenchConfig, Row, configurations, load_prompts, run_bench
+from .benchlog import LogWriter, read_log
 from .config import RunConfig
 from .engine import METHODS, GenerationConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .oneshot import stderr_progress
 from .pipeline import ensure_calibration, load_pipeline
-from .views import bench_json, bench_table
+from .views import bench_json, bench_plot, bench_table
+
+
+@dataclass(frozen=True)
+class BenchOutput:
+    as_json: bool = False
+    plot: Path | None = None  # PNG of tokens/pass and tokens/s against the budget
+    log: Path | None = None  # JSONL of every run; an existing log of the same setup is resumed
 
 
 def run_bench_command(
@@ -27,7 +36,7 @@ def run_bench_command(
     top_p: float,
     max_new_tokens: int,
     seed: int,
-    as_json: bool,
+    output: BenchOutput,
     calibrate: bool = False,
 ) -> None:
     for method in methods:
@@ -39,20 +48,32 @@ def run_bench_command(
         GenerationConfig(top_p=top_p, max_new_tokens=max_new_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _check_plot_backend(output.plot)
     bench = BenchConfig(load_prompts(prompts_file, n), methods, budgets, temperatures, top_p, max_new_tokens, seed)
+    keys = configurations(bench)
+    log = LogWriter(output.log, _log_setup(settings, bench), keys) if output.log else None
+    skip = frozenset(log.done_prompts()) if log else frozenset()
     # "ar" needs no draft, but the other methods do: load one only if some method uses it.
     needs_draft = any(m != "ar" for m in methods)
+    if AUTO not in budgets:
+        settings = replace(settings, budget=max(budgets))  # nothing to calibrate for fixed budgets
     pipeline = load_pipeline(settings if needs_draft else _without_draft(settings), stderr_progress)
     if calibrate and pipeline.draft is not None:
         ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=True)
-    bandwidths = [_stream_bandwidth(pipeline)]
-    total = len(bench.prompts) * len(configurations(bench))
+    bandwidths = [_stream_bandwidth(pipeline, log)]
+    total = (len(bench.prompts) - len(skip & set(range(len(bench.prompts))))) * len(keys)
+    if skip:
+        print(f"resuming {output.log}: {len(skip)} prompt(s) already measured", file=sys.stderr)
     with Progress(console=None, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("benchmarking", total=total)
-        rows = run_bench(pipeline, bench, settings.generation(), lambda: progress.advance(task))
-    bandwidths.append(_stream_bandwidth(pipeline))
-    measured = [b for b in bandwidths if b]
-    stream_bytes_per_s = sum(measured) / len(measured) if measured else None  # before and after the runs
+
+        def on_run(record) -> None:
+            if log:
+                log.run(record)
+            progress.advance(task)
+
+        rows = run_bench(pipeline, bench, settings.generation(), on_run, skip)
+    bandwidths.append(_stream_bandwidth(pipeline, log))
     setup = {
         "target": pipeline.target_name,
         "draft": pipeline.draft_name,
@@ -63,17 +84,68 @@ def run_bench_command(
         "max_new_tokens": max_new_tokens,
         "top_p": top_p,
     }
-    if as_json:
-        bench_json(rows, setup, sys.stdout, stream_bytes_per_s)
+    if log:
+        log.close()
+        logged = read_log(output.log)  # the resumed prompts too
+        rows, bandwidth = logged.rows(), logged.stream_bytes_per_s
+        setup["prompts"] = len(logged.complete_prompts())
+    else:
+        measured = [b for b in bandwidths if b]
+        bandwidth = sum(measured) / len(measured) if measured else None  # before and after the runs
+    _render(rows, setup, bandwidth, output)
+
+
+def render_log_command(path: Path, output: BenchOutput) -> None:
+    """`bench --from-log`: the tables (and plot) of a logged sweep, over the prompts it completed."""
+    _check_plot_backend(output.plot)
+    log = read_log(path)
+    complete = log.complete_prompts()
+    if not complete:
+        raise InputError(f"{path}: no prompt has finished every configuration yet", "let the sweep run longer")
+    setup = dict(log.setup) | {"prompts": len(complete)}
+    _render(log.rows(), setup, log.stream_bytes_per_s, output)
+
+
+def _render(rows: list[Row], setup: dict, bandwidth: float | None, output: BenchOutput) -> None:
+    if output.as_json:
+        bench_json(rows, setup, sys.stdout, bandwidth)
     else:
         print(" | ".join(f"{k}: {v}" for k, v in setup.items()), file=sys.stderr)
-        bench_table(rows, sys.stdout, stream_bytes_per_s)
+        bench_table(rows, sys.stdout, bandwidth)
+    if output.plot:
+        bench_plot(rows, output.plot, title=f"{setup.get('target', '')}, {setup.get('prompts')} prompts")
+        print(f"plot written to {output.plot}", file=sys.stderr)
 
 
-def _stream_bandwidth(pipeline) -> float | None:
+def _check_plot_backend(plot: Path | None) -> None:
+    if plot is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib, which is not installed", "pip install 'specchat[plot]'") from exc
+    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--plot {plot}: unknown image type {plot.suffix!r}", "end the file name in .png, .svg or .pdf")
+
+
+def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
+    """What a log's runs depend on: a resumed log must match it exactly."""
+    prompts = hashlib.sha256("\x00".join(bench.prompts).encode()).hexdigest()[:16]
+    return {
+        "target": settings.model, "draft": settings.draft, "quant": settings.quant, "draft_quant": settings.draft_quant,
+        "offload": settings.offload, "ram_budget": settings.ram_budget, "max_depth": settings.max_depth,
+        "draft_batch": settings.draft_batch, "prompts": len(bench.prompts), "prompts_sha256": prompts,
+        "max_new_tokens": bench.max_new_tokens, "top_p": bench.top_p, "seed": bench.seed,
+    }
+
+
+def _stream_bandwidth(pipeline, log: LogWriter | None) -> float | None:
     """The streamed target's layer files read alone (None when nothing streams)."""
     measure = getattr(pipeline.engine.target.layer_source, "measure_stream_bandwidth", None)
-    return measure() if measure else None
+    bandwidth = measure() if measure else None
+    if bandwidth and log:
+        log.bandwidth(bandwidth)
+    return bandwidth
 
 
 def _without_draft(settings: RunConfig) -> RunConfig:

@@ -226,13 +226,20 @@ def bench(
     store: StoreOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Re-measure the cost model behind --budget auto first.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw tokens/pass and tokens/s vs. budget to this .png/.svg/.pdf (needs specchat[plot]).")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="Append every run to this JSONL file; an existing log of the same benchmark is resumed.")] = None,
+    from_log: Annotated[Optional[Path], typer.Option("--from-log", help="Run nothing: render the prompts a --log file completed.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure tokens per pass and tokens/s of each method and budget on a prompt set."""
-    from .benchcmd import run_bench_command
+    from .benchcmd import BenchOutput, render_log_command, run_bench_command
 
+    output = BenchOutput(as_json=json_output, plot=plot, log=log)
     flags = dict(model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget, store=store)
     with error_boundary(debug):
+        if from_log is not None:
+            render_log_command(from_log, output)
+            return
         settings = build_config(flags, config, config_file())
         run_bench_command(
             settings,
@@ -244,7 +251,7 @@ def bench(
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             seed=seed,
-            as_json=json_output,
+            output=output,
             calibrate=calibrate,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
@@ -65,6 +66,45 @@ def bench_json(rows: list[Row], setup: dict, out: TextIO, stream_bytes_per_s: fl
 def _limit_json(row: Row, stream_bytes_per_s: float | None) -> dict:
     limit = physical_limit(row, stream_bytes_per_s)
     return {"physical_limit_tok_s": limit, "of_limit": row.tokens_per_s / limit if limit else None}
+
+
+def bench_plot(rows: list[Row], path: Path, title: str = "") -> None:
+    """Tokens/pass and tokens/s against the budget: one line per (method, temperature).
+
+    Fixed budgets are points on a log2 axis; ``auto`` and AR have no fixed budget,
+    so they are drawn as horizontal lines at their measured values.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    figure, (per_pass, per_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, float], list[Row]] = {}
+    for row in rows:
+        series.setdefault((row.method, row.temperature), []).append(row)
+    for index, ((method, temperature), group) in enumerate(series.items()):
+        colour = f"C{index}"
+        label = f"{method} t={temperature:g}"
+        fixed = sorted((r for r in group if r.budget > 0 and method != "ar"), key=lambda r: r.budget)
+        for axis, value in ((per_pass, lambda r: r.tokens_per_pass), (per_s, lambda r: r.tokens_per_s)):
+            if fixed:
+                axis.plot([r.budget for r in fixed], [value(r) for r in fixed], "o-", color=colour, label=label)
+            for r in group:
+                if method == "ar" or r.budget == AUTO:
+                    style = ":" if method == "ar" else "--"
+                    name = label if method == "ar" else f"{label} auto"
+                    axis.axhline(value(r), linestyle=style, color=colour, label=name)
+    for axis, ylabel in ((per_pass, "tokens per target pass"), (per_s, "tokens / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("budget (tree nodes per pass)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+    per_s.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _gb(n: float) -> str:

@@ -81,3 +81,104 @@ def test_streamed_bench_reports_the_physical_limit_and_recalibrates(tiny_dirs, t
         assert row["physical_limit_tok_s"] == pytest.approx(expected)
         assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / expected)
     assert [r["budget"] for r in payload["rows"]] == [4, -1, 0]
+
+
+def _bench_args(tiny_dirs, prompts, *extra):
+    return [
+        "bench", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--prompts", str(prompts),
+        "--budgets", "4", "--temperatures", "0", "--methods", "specexec,ar", "--max-new-tokens", "5", *extra,
+    ]
+
+
+def _log_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sea"}\n{"prompt": "blue moon"}\n{"prompt": "red sky"}\n')
+    log = tmp_path / "runs.jsonl"
+    first = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "3", "--log", str(log), "--json"))
+    assert first.exit_code == 0, first.stderr
+    records = _log_lines(log)
+    assert records[0]["kind"] == "setup"
+    runs = [r for r in records if r["kind"] == "run"]
+    assert [(r["prompt"], r["method"]) for r in runs] == [
+        (0, "specexec"), (0, "ar"), (1, "specexec"), (1, "ar"), (2, "specexec"), (2, "ar"),
+    ]
+    # Cut the sweep short after prompt 1's first run (and a half-written line), then resume.
+    log.write_text("\n".join(json.dumps(r) for r in records[:4]) + '\n{"kind": "ru')
+    resumed = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "3", "--log", str(log), "--json"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "1 prompt(s) already measured" in resumed.stderr
+    rerun = [(r["prompt"], r["method"]) for r in _log_lines(log)[4:] if r.get("kind") == "run"]
+    assert rerun == [(1, "specexec"), (1, "ar"), (2, "specexec"), (2, "ar")]
+    payload = json.loads(resumed.stdout)
+    assert payload["setup"]["prompts"] == 3
+    assert all(row["prompts"] == 3 for row in payload["rows"])
+    # The whole first invocation's numbers for prompt 0 are kept, not re-measured.
+    assert json.loads(first.stdout)["rows"][0]["prompts"] == 3
+
+
+def test_bench_from_log_renders_without_loading_a_model(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sea"}\n{"prompt": "blue moon"}\n')
+    log = tmp_path / "runs.jsonl"
+    ran = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "2", "--log", str(log), "--json"))
+    assert ran.exit_code == 0, ran.stderr
+    # Drop prompt 1's AR run: only prompt 0 has every configuration.
+    records = _log_lines(log)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if not (r.get("prompt") == 1 and r.get("method") == "ar")))
+    rendered = runner.invoke(app, ["bench", "--from-log", str(log), "--json"])
+    assert rendered.exit_code == 0, rendered.stderr
+    payload = json.loads(rendered.stdout)
+    assert payload["setup"]["prompts"] == 1
+    expected = [r for r in records if r.get("prompt") == 0 and r.get("method") == "specexec"][0]["stats"]
+    row = payload["rows"][0]
+    assert row["prompts"] == 1 and row["new_tokens"] == expected["new_tokens"]
+    assert row["target_passes"] == expected["target_passes"]
+
+
+def test_bench_log_of_another_benchmark_is_refused_untouched(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sea"}\n')
+    log = tmp_path / "runs.jsonl"
+    assert runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "1", "--log", str(log))).exit_code == 0
+    before = log.read_text()
+    other = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "1", "--log", str(log), "--seed", "7"))
+    assert other.exit_code != 0
+    assert "written by a different benchmark" in other.stderr and "Traceback" not in other.stderr
+    assert log.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("", "no bench setup line"),
+        ('{"kind": "run"}\n{"kind": "setup"}\n', "line 1: not a specchat bench log record"),
+        (None, "cannot read bench log"),
+    ],
+)
+def test_bench_from_log_bad_files(tmp_path, content, fragment):
+    log = tmp_path / "runs.jsonl"
+    if content is not None:
+        log.write_text(content)
+    result = runner.invoke(app, ["bench", "--from-log", str(log)])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and fragment in result.stderr
+
+
+def test_bench_plot_draws_a_png(tiny_dirs, tmp_path):
+    pytest.importorskip("matplotlib")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sea"}\n')
+    image = tmp_path / "bench.png"
+    result = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "1", "--budgets", "2,4,auto", "--plot", str(image)))
+    assert result.exit_code == 0, result.stderr
+    assert image.read_bytes().startswith(b"\x89PNG") and f"plot written to {image}" in result.stderr
+
+
+def test_bench_plot_with_an_unknown_image_type_fails_before_running(tiny_dirs, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = runner.invoke(app, _bench_args(tiny_dirs, tmp_path / "missing.jsonl", "--plot", str(tmp_path / "x.gif")))
+    assert result.exit_code != 0 and "unknown image type '.gif'" in result.stderr
