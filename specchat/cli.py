@@ -134,13 +134,17 @@ def detect(
     from .registry import load_registry
     from .views import detect_report
 
+    from .costmodel import calibrated_choices
+    from .pipeline import calibration_file
+
     with error_boundary(debug):
         facts = detect_hardware(store or cache_dir() / "stores")
         advice = recommend(facts, load_registry())
+        calibrated = calibrated_choices(calibration_file())
         if json_output:
-            print(json.dumps(facts | {"recommendation": advice}, indent=1))
+            print(json.dumps(facts | {"recommendation": advice, "calibrated_budget": calibrated}, indent=1))
         else:
-            detect_report(facts, advice, sys.stdout)
+            detect_report(facts, advice, sys.stdout, calibrated)
 
 
 @app.command()

@@ -97,6 +97,22 @@ def load_calibration(path: Path, key: str) -> Calibration | None:
         return None
 
 
+def calibrated_choices(path: Path, method: str = "specexec", max_depth: int = 32) -> list[dict[str, str]]:
+    """Each saved calibration (its settings key) with the budget ``auto`` would start at, and why."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    choices = []
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        try:
+            tuner = CostModelTuner(Calibration.from_json(value), method, max_depth)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged entry: setup re-measures it
+        choices.append({"settings": key, "budget": str(tuner.current), "reason": tuner.explain()})
+    return choices
+
+
 def save_calibration(path: Path, key: str, calibration: Calibration) -> None:
     """Add or replace ``key`` in the calibration file (atomic replace; other keys kept)."""
     try:

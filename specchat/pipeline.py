@@ -68,12 +68,16 @@ def _safetensors_headers(model_dir: Path) -> list[dict]:
 _WIDTHS = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
-def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
-    """Bytes the weights take once loaded in ``dtype``, from the safetensors headers."""
+def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE, layers: bool | None = None) -> int:
+    """Bytes the weights take once loaded in ``dtype``, from the safetensors headers.
+
+    ``layers``: None counts every tensor, True only the decoder layers', False all the others.
+    """
     elements = sum(
         (info["data_offsets"][1] - info["data_offsets"][0]) // _WIDTHS.get(info["dtype"], 2)
         for header in _safetensors_headers(model_dir)
-        for info in header.values()
+        for name, info in header.items()
+        if layers is None or (".layers." in name) == layers
     )
     return elements * torch.finfo(dtype).bits // 8
 
@@ -102,23 +106,56 @@ def _choose_draft(
     if config.draft != "auto":
         ref = parse_model_spec(config.draft, registry)
         return ref, materialize(ref, progress), f"draft {ref.display}: chosen with --draft"
+    return _auto_draft(target_ref, registry, progress)
+
+
+def _auto_draft(target_ref: ModelRef, registry: dict[str, ModelEntry], progress: Progress) -> tuple[ModelRef, Path, str]:
+    """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
+
+    Tokenizers are compared on the real files (vocabulary and special tokens),
+    not by family name; "fits" is the RAM left once the target's smallest
+    footprint (everything but its decoder layers, plus a ring of two streamed
+    layers) is set aside.
+    """
     candidates = list(target_ref.entry.drafts) if target_ref.entry else []
     if not candidates:
         raise InputError(
             f"no registered draft pairs with {target_ref.display}",
             "name one with --draft, or use --draft none for plain decoding",
         )
+    target_dir = materialize(target_ref, progress)
+    target_tokenizer = load_tokenizer(target_dir)
+    room = fast_memory_left(target_dir)
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)
         try:
-            return ref, materialize(ref, progress), f"draft {name}: the first registered draft of {target_ref.display} present here"
-        except ModelNotFound as exc:
-            skipped.append(f"{name} ({exc.what})")
+            draft_dir = materialize(ref, progress)
+            check_same_tokenizer(target_tokenizer, load_tokenizer(draft_dir), name)
+        except (ModelNotFound, InputError) as exc:
+            skipped.append(f"{name}: {exc.what}")
+            continue
+        needed = int(resident_bytes(draft_dir) * RAM_HEADROOM)
+        if needed > room:
+            skipped.append(f"{name}: needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB left beside the target")
+            continue
+        reason = (
+            f"draft {name}: the first registered draft of {target_ref.display} that is here, shares its tokenizer "
+            f"and fits ({needed / 1e9:.1f} of {room / 1e9:.1f} GB)"
+        )
+        return ref, draft_dir, reason + (f"; skipped {'; '.join(skipped)}" if skipped else "")
     raise ModelNotFound(
-        f"none of the drafts of {target_ref.display} is available: {'; '.join(skipped)}",
-        f"run `specchat setup {target_ref.spec}`, or use --draft none",
+        f"no registered draft of {target_ref.display} can be used: {'; '.join(skipped)}",
+        f"run `specchat setup {target_ref.spec}`, name a draft with --draft, or use --draft none",
     )
+
+
+def fast_memory_left(target_dir: Path) -> int:
+    """RAM available once the target's minimum (non-layer weights + two streamed layers) is held."""
+    layers = int(check_architecture(target_dir).num_hidden_layers)
+    per_layer = resident_bytes(target_dir, layers=True) // max(layers, 1)
+    floor = resident_bytes(target_dir, layers=False) + 2 * per_layer
+    return psutil.virtual_memory().available - int(floor * RAM_HEADROOM)
 
 
 def store_dtype_for(quant: str, target_dir: Path) -> str:

@@ -111,7 +111,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def detect_report(facts: dict, advice: dict, out: TextIO) -> None:
+def detect_report(facts: dict, advice: dict, out: TextIO, calibrated: list[dict] | None = None) -> None:
     console = Console(file=out, width=200, highlight=False, soft_wrap=True)
     cpu = facts["cpu"]
     console.print(f"CPU     {cpu['name']}: {cpu['cores']} cores / {cpu['threads']} threads; {', '.join(cpu['vector_extensions']) or 'no vector extensions found'}")
@@ -128,6 +128,11 @@ def detect_report(facts: dict, advice: dict, out: TextIO) -> None:
     console.print("Recommended:")
     for key, item in advice.items():
         console.print(f"  {key:8} {item['value']:22} {item['reason']}", markup=False)
+    if not calibrated:
+        console.print("--budget auto: not calibrated yet (`specchat setup` measures the pass times it needs)", markup=False)
+    for choice in calibrated or ():
+        console.print(f"--budget auto for {choice['settings']}:", markup=False)
+        console.print(f"  starts at {choice['reason']}", markup=False)
 
 
 def models_table(rows: list[dict], out: TextIO) -> None:

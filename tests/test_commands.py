@@ -37,6 +37,7 @@ def test_detect_json_has_every_fact_and_a_recommendation(tmp_path):
     assert set(facts["recommendation"]) == {"target", "draft", "quant", "offload", "budget"}
     assert all(item["reason"] for item in facts["recommendation"].values())
     assert not list((tmp_path / "stores").glob(".specchat-probe-*"))  # the probe file is gone
+    assert facts["calibrated_budget"] == []  # nothing calibrated in this fresh config dir
 
 
 def test_models_json_lists_the_demo_pair_as_present():
@@ -82,6 +83,11 @@ def test_setup_builds_the_store_writes_the_config_and_is_idempotent(tiny_dirs, t
     assert result.exit_code == 0, result.stderr
     assert "offload ssd: --offload ssd" in result.stderr  # the offload written by setup applies
     assert json.loads(result.stdout)["stats"]["new_tokens"] == 5
+    # detect shows the budget `auto` starts at, from setup's calibration
+    detected = runner.invoke(app, ["detect", "--store", str(store)])
+    assert detected.exit_code == 0, detected.stderr
+    assert "--budget auto for " in detected.stdout and "offload=ssd" in detected.stdout
+    assert "starts at K=" in detected.stdout and "tok/pass" in detected.stdout
 
 
 def test_setup_with_4bit_builds_an_nf4_store_and_writes_the_quant(tiny_dirs, tmp_path):
@@ -117,3 +123,52 @@ def test_write_config_keeps_other_keys_and_escapes_strings(tmp_path):
     path.write_text("temperature = 0.6\n")
     write_config(path, {"model": 'C:\\models\\"odd"', "draft": "none"})
     assert tomllib.loads(path.read_text()) == {"temperature": 0.6, "model": 'C:\\models\\"odd"', "draft": "none"}
+
+
+@pytest.fixture
+def paired_registry(tmp_path, monkeypatch, tiny_dirs):
+    """A hub cache with a target, a mismatched draft and a good one; a registry pairing them (plus one not downloaded)."""
+    import huggingface_hub.constants as constants
+
+    import specchat.pipeline
+    from specchat.registry import load_registry
+
+    cache = tmp_path / "hf-cache"
+    for name, source in (("tiny-target", "target"), ("tiny-alien", "alien"), ("tiny-draft", "draft")):
+        repo = cache / f"models--tiny-org--{name}"
+        shutil.copytree(tiny_dirs[source], repo / "snapshots" / "0123456789abcdef")
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    toml = tmp_path / "models.toml"
+    toml.write_text(
+        '[models.tiny-target]\nrole = "target"\nfamily = "tiny"\nparams_b = 0.001\nhub = "tiny-org/tiny-target"\n'
+        'drafts = ["tiny-alien", "tiny-absent", "tiny-draft"]\n'
+        '[models.tiny-alien]\nrole = "draft"\nfamily = "tiny"\nparams_b = 0.001\nhub = "tiny-org/tiny-alien"\n'
+        '[models.tiny-absent]\nrole = "draft"\nfamily = "tiny"\nparams_b = 0.001\nhub = "tiny-org/tiny-absent"\n'
+        '[models.tiny-draft]\nrole = "draft"\nfamily = "tiny"\nparams_b = 0.001\nhub = "tiny-org/tiny-draft"\n'
+    )
+    registry = load_registry(toml)
+    monkeypatch.setattr(specchat.pipeline, "load_registry", lambda: registry)
+    return registry
+
+
+def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_registry):
+    result = runner.invoke(app, ["run", "--model", "tiny-target", "--draft", "auto", "--budget", "4", "--max-new-tokens", "5", "the sea"])
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
+    assert line.startswith("draft tiny-draft: the first registered draft of tiny-target that is here, shares its tokenizer and fits")
+    assert "tiny-alien: draft tiny-alien does not share the target's tokenizer" in line
+    assert "tiny-absent:" in line
+
+
+def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):
+    import specchat.pipeline
+
+    monkeypatch.setattr(specchat.pipeline, "fast_memory_left", lambda target_dir: 1000)
+    result = runner.invoke(app, ["run", "--model", "tiny-target", "--draft", "auto", "--max-new-tokens", "5", "the sea"])
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no registered draft of tiny-target can be used:")
+    assert "tiny-draft: needs 0.0 GB, 0.0 GB left beside the target" in last and "--draft none" in last
