@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import GenerationConfig
+from .engine import EngineError, GenerationConfig
 from .errors import InputError
 from .events import DoneEvent, GenerationStats
 
@@ -68,7 +68,7 @@ class Row:
     def to_dict(self) -> dict:
         return {
             "method": self.method,
-            "budget": self.budget,
+            "budget": "auto" if self.budget == AUTO else self.budget,
             "temperature": self.temperature,
             "prompts": len(self.runs),
             "new_tokens": int(self.total("new_tokens")),
@@ -85,14 +85,19 @@ def load_prompts(path: Path | None, n: int) -> tuple[str, ...]:
     """First turns of an MT-Bench style JSONL (``{"turns": [...]}`` or ``{"prompt": ...}``)."""
     path = path or DEFAULT_PROMPTS
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise InputError(f"cannot read prompts file {path}: {exc.strerror}", "check the --prompts path") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"prompts file {path} is not UTF-8 text", "save it as UTF-8") from exc
     prompts = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            prompts.append(record["turns"][0] if "turns" in record else record["prompt"])
+            prompt = record["turns"][0] if "turns" in record else record["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise TypeError("not a non-empty string")
+            prompts.append(prompt)
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise InputError(
                 f"{path}, line {number}: not a JSON object with \"turns\" or \"prompt\"", "fix the prompts file"
@@ -139,7 +144,10 @@ def run_bench(
                 seed=bench.seed + index,
                 max_new_tokens=bench.max_new_tokens,
             )
-            done = [e for e in engine.generate(prompt_ids, config) if isinstance(e, DoneEvent)][-1]
+            try:
+                done = [e for e in engine.generate(prompt_ids, config) if isinstance(e, DoneEvent)][-1]
+            except EngineError as exc:
+                raise InputError(f"prompt {index + 1}: {exc}", "remove it from --prompts or lower --max-new-tokens") from exc
             rows[(method, budget, temperature)].runs.append(done.stats)
             on_run(RunRecord(index, method, budget, temperature, done.stats))
     return list(rows.values())

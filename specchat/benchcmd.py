@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import Progress
 
 from .bench import AUTO, BenchConfig, Row, configurations, load_prompts, run_bench
@@ -39,11 +40,19 @@ def run_bench_command(
     output: BenchOutput,
     calibrate: bool = False,
 ) -> None:
+    if not methods or not temperatures:
+        raise ConfigError("--methods and --temperatures need at least one value")
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--methods: unknown method {method!r}", f"use {', '.join(METHODS)}")
-    if n < 1 or not budgets or any(b < 1 and b != AUTO for b in budgets) or any(t < 0 for t in temperatures):
+    if n < 1 or not budgets or any(b < 1 and b != AUTO for b in budgets) or not all(t >= 0 for t in temperatures):
         raise ConfigError("--n and --budgets must be >= 1 and --temperatures >= 0")
+    needs_draft = any(m != "ar" for m in methods)
+    if needs_draft and settings.draft == "none":
+        raise ConfigError(
+            f"--methods {','.join(methods)} needs a draft model, but the draft is 'none'",
+            "give --draft NAME|auto, or bench --methods ar only",
+        )
     try:
         GenerationConfig(top_p=top_p, max_new_tokens=max_new_tokens)
     except ValueError as exc:
@@ -53,18 +62,22 @@ def run_bench_command(
     keys = configurations(bench)
     log = LogWriter(output.log, _log_setup(settings, bench), keys) if output.log else None
     skip = frozenset(log.done_prompts()) if log else frozenset()
+    if log and skip >= set(range(len(bench.prompts))):
+        log.close()
+        print(f"{output.log}: every prompt is already measured", file=sys.stderr)
+        render_log_command(output.log, output)
+        return
     # "ar" needs no draft, but the other methods do: load one only if some method uses it.
-    needs_draft = any(m != "ar" for m in methods)
-    if AUTO not in budgets:
-        settings = replace(settings, budget=max(budgets))  # nothing to calibrate for fixed budgets
-    pipeline = load_pipeline(settings if needs_draft else _without_draft(settings), stderr_progress)
-    if calibrate and pipeline.draft is not None:
-        ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=True)
+    # The budget `auto` runs on a calibration: load with a fixed budget, then ensure it here, once.
+    loaded = replace(settings, method="specexec", budget=max((b for b in budgets if b != AUTO), default=64))
+    pipeline = load_pipeline(loaded if needs_draft else _without_draft(settings), stderr_progress)
+    if (calibrate or AUTO in budgets) and pipeline.draft is not None:
+        ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=calibrate)
     bandwidths = [_stream_bandwidth(pipeline, log)]
     total = (len(bench.prompts) - len(skip & set(range(len(bench.prompts))))) * len(keys)
     if skip:
         print(f"resuming {output.log}: {len(skip)} prompt(s) already measured", file=sys.stderr)
-    with Progress(console=None, transient=True, disable=not sys.stderr.isatty()) as progress:
+    with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("benchmarking", total=total)
 
         def on_run(record) -> None:
@@ -74,17 +87,9 @@ def run_bench_command(
 
         rows = run_bench(pipeline, bench, settings.generation(), on_run, skip)
     bandwidths.append(_stream_bandwidth(pipeline, log))
-    setup = {
-        "target": pipeline.target_name,
-        "draft": pipeline.draft_name,
-        "offload": pipeline.offload.reason,
-        "quant": settings.quant,
-        "draft_quant": settings.draft_quant,
-        "prompts": len(bench.prompts),
-        "max_new_tokens": max_new_tokens,
-        "top_p": top_p,
-    }
+    setup = _resolved_setup(pipeline, settings, bench)
     if log:
+        log.pipeline(setup)
         log.close()
         logged = read_log(output.log)  # the resumed prompts too
         rows, bandwidth = logged.rows(), logged.stream_bytes_per_s
@@ -102,7 +107,7 @@ def render_log_command(path: Path, output: BenchOutput) -> None:
     complete = log.complete_prompts()
     if not complete:
         raise InputError(f"{path}: no prompt has finished every configuration yet", "let the sweep run longer")
-    setup = dict(log.setup) | {"prompts": len(complete)}
+    setup = dict(log.resolved or log.setup) | {"prompts": len(complete)}
     _render(log.rows(), setup, log.stream_bytes_per_s, output)
 
 
@@ -126,6 +131,8 @@ def _check_plot_backend(plot: Path | None) -> None:
         raise ConfigError("--plot needs matplotlib, which is not installed", "pip install 'specchat[plot]'") from exc
     if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--plot {plot}: unknown image type {plot.suffix!r}", "end the file name in .png, .svg or .pdf")
+    if not plot.resolve().parent.is_dir():
+        raise ConfigError(f"--plot {plot}: folder {plot.resolve().parent} does not exist", "create it or choose another path")
 
 
 def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
@@ -146,6 +153,20 @@ def _stream_bandwidth(pipeline, log: LogWriter | None) -> float | None:
     if bandwidth and log:
         log.bandwidth(bandwidth)
     return bandwidth
+
+
+def _resolved_setup(pipeline, settings: RunConfig, bench: BenchConfig) -> dict:
+    """What actually ran: model names and placement as resolved by the pipeline."""
+    return {
+        "target": pipeline.target_name,
+        "draft": pipeline.draft_name,
+        "offload": pipeline.offload.reason,
+        "quant": settings.quant,
+        "draft_quant": settings.draft_quant,
+        "prompts": len(bench.prompts),
+        "max_new_tokens": bench.max_new_tokens,
+        "top_p": bench.top_p,
+    }
 
 
 def _without_draft(settings: RunConfig) -> RunConfig:

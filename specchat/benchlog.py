@@ -4,6 +4,7 @@ Line kinds (each a JSON object with a ``kind``):
   ``setup``      first line: what is measured (settings, prompts, configurations)
   ``run``        one (prompt, method, budget, temperature) generation and its stats
   ``bandwidth``  the stream bandwidth measured before/after an invocation's runs
+  ``pipeline``   what an invocation resolved the settings to (model names, placement)
 
 Only prompts on which *every* configuration finished count: the rows then hold
 the same prompts, so their ratios compare like with like even when a sweep was
@@ -30,6 +31,7 @@ class BenchLog:
     configurations: list[Key]
     runs: dict[int, dict[Key, GenerationStats]] = field(default_factory=dict)
     bandwidths: list[float] = field(default_factory=list)
+    resolved: dict | None = None  # the last invocation's resolved setup
 
     def complete_prompts(self) -> list[int]:
         wanted = set(self.configurations)
@@ -57,9 +59,11 @@ def _key(record: dict | list) -> Key:
 
 def read_log(path: Path) -> BenchLog:
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise InputError(f"cannot read bench log {path}: {exc.strerror}", "check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"bench log {path} is not UTF-8 text", "give a file written by `specchat bench --log`") from exc
     log = None
     stat_names = {f.name for f in fields(GenerationStats)}
     for number, line in enumerate(lines, 1):
@@ -75,9 +79,11 @@ def read_log(path: Path) -> BenchLog:
                 log.runs.setdefault(int(record["prompt"]), {})[_key(record)] = stats
             elif kind == "bandwidth" and log is not None:
                 log.bandwidths.append(float(record["bytes_per_s"]))
+            elif kind == "pipeline" and log is not None:
+                log.resolved = dict(record["setup"])
             else:
                 raise ValueError(kind)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             if number == len(lines):
                 break  # a run cut off mid-write: the last line may be partial
             raise InputError(
@@ -129,6 +135,9 @@ class LogWriter:
             "kind": "run", "prompt": record.prompt, "method": record.method, "budget": record.budget,
             "temperature": record.temperature, "stats": record.stats.to_dict(),
         })
+
+    def pipeline(self, resolved: dict) -> None:
+        self._write({"kind": "pipeline", "setup": resolved})
 
     def bandwidth(self, bytes_per_s: float) -> None:
         self._write({"kind": "bandwidth", "bytes_per_s": bytes_per_s})

@@ -191,7 +191,9 @@ def setup(
     from .setupcmd import run_setup
 
     with error_boundary(debug):
-        settings = build_config(dict(draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store), None, config_file())
+        # From defaults and flags only: a previous setup's model, draft or placement must not leak into this one.
+        flags = dict(draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store)
+        settings = build_config(flags, None, config_file(), use_file=False)
         run_setup(model, settings, yes)
 
 

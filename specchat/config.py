@@ -146,13 +146,18 @@ def read_environment(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def build_config(
-    flags: dict[str, Any], config_path: Path | None, default_path: Path, environ: dict[str, str] | None = None
+    flags: dict[str, Any],
+    config_path: Path | None,
+    default_path: Path,
+    environ: dict[str, str] | None = None,
+    use_file: bool = True,
 ) -> RunConfig:
-    """Merge defaults < config file < environment < flags (flags given as None are absent)."""
+    """Merge defaults < config file (unless ``use_file`` is False) < environment < flags (None flags are absent)."""
     environ = dict(os.environ) if environ is None else environ
     path = config_path or Path(environ.get("SPECCHAT_CONFIG") or default_path)
     merged: dict[str, Any] = {}
-    merged.update(read_config_file(path, explicit=config_path is not None or "SPECCHAT_CONFIG" in environ))
+    if use_file:
+        merged.update(read_config_file(path, explicit=config_path is not None or "SPECCHAT_CONFIG" in environ))
     merged.update(read_environment(environ))
     merged.update({k: _coerce(k, v, "command line") for k, v in flags.items() if v is not None})
     return replace(RunConfig(), **merged) if merged else RunConfig()

@@ -35,7 +35,12 @@ def layer_compute_bytes(store: Store, compute_dtype: torch.dtype) -> int:
 def plan_offload(
     mode: str, store_layers: int, layer_bytes: int, model_bytes: int, available_ram: int, ram_budget: int | None
 ) -> OffloadPlan:
-    """Decide where the target's layers live.  All sizes in bytes, in the compute dtype."""
+    """Decide where the target's layers live.  All sizes in bytes, in the compute dtype.
+
+    ``ram`` means "layers in host RAM": on a CPU that is the compute device's memory, i.e. resident.
+    """
+    if mode == "ram":
+        return OffloadPlan("none", store_layers, "offload none: --offload ram (on a CPU the layers in RAM are resident)")
     if mode == "auto":
         fits = model_bytes * 1.2 < available_ram and ram_budget is None
         mode = "none" if fits else "ssd"

@@ -14,7 +14,7 @@ from .calibrate import measure_calibration
 from .config import RunConfig
 from .costmodel import Calibration, load_calibration, save_calibration
 from .engine import Engine
-from .errors import InputError, ModelNotFound, ResourceError
+from .errors import InputError, ModelNotFound, ResourceError, SpecchatError
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
 from .paths import cache_dir
@@ -106,16 +106,17 @@ def _choose_draft(
     if config.draft != "auto":
         ref = parse_model_spec(config.draft, registry)
         return ref, materialize(ref, progress), f"draft {ref.display}: chosen with --draft"
-    return _auto_draft(target_ref, registry, progress)
+    return _auto_draft(config, target_ref, registry, progress)
 
 
-def _auto_draft(target_ref: ModelRef, registry: dict[str, ModelEntry], progress: Progress) -> tuple[ModelRef, Path, str]:
+def _auto_draft(
+    config: RunConfig, target_ref: ModelRef, registry: dict[str, ModelEntry], progress: Progress
+) -> tuple[ModelRef, Path, str]:
     """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
 
     Tokenizers are compared on the real files (vocabulary and special tokens),
-    not by family name; "fits" is the RAM left once the target's smallest
-    footprint (everything but its decoder layers, plus a ring of two streamed
-    layers) is set aside.
+    not by family name; "fits" is the RAM left once the target's own share is
+    set aside (:func:`fast_memory_left`).
     """
     candidates = list(target_ref.entry.drafts) if target_ref.entry else []
     if not candidates:
@@ -125,14 +126,14 @@ def _auto_draft(target_ref: ModelRef, registry: dict[str, ModelEntry], progress:
         )
     target_dir = materialize(target_ref, progress)
     target_tokenizer = load_tokenizer(target_dir)
-    room = fast_memory_left(target_dir)
+    room = fast_memory_left(target_dir, config.offload, config.ram_budget)
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)
         try:
             draft_dir = materialize(ref, progress)
             check_same_tokenizer(target_tokenizer, load_tokenizer(draft_dir), name)
-        except (ModelNotFound, InputError) as exc:
+        except SpecchatError as exc:  # absent, corrupt, or another tokenizer
             skipped.append(f"{name}: {exc.what}")
             continue
         needed = int(resident_bytes(draft_dir) * RAM_HEADROOM)
@@ -146,15 +147,21 @@ def _auto_draft(target_ref: ModelRef, registry: dict[str, ModelEntry], progress:
         return ref, draft_dir, reason + (f"; skipped {'; '.join(skipped)}" if skipped else "")
     raise ModelNotFound(
         f"no registered draft of {target_ref.display} can be used: {'; '.join(skipped)}",
-        f"run `specchat setup {target_ref.spec}`, name a draft with --draft, or use --draft none",
+        f"`specchat setup {target_ref.spec}` fetches missing drafts; or lower --ram-budget, name a draft with --draft, "
+        "or use --draft none",
     )
 
 
-def fast_memory_left(target_dir: Path) -> int:
-    """RAM available once the target's minimum (non-layer weights + two streamed layers) is held."""
-    layers = int(check_architecture(target_dir).num_hidden_layers)
-    per_layer = resident_bytes(target_dir, layers=True) // max(layers, 1)
-    floor = resident_bytes(target_dir, layers=False) + 2 * per_layer
+def fast_memory_left(target_dir: Path, offload: str = "auto", ram_budget: int | None = None) -> int:
+    """RAM available beside the target: all of it when resident (``none``/``ram``), else its
+    non-layer weights, the layers ``--ram-budget`` keeps, and a ring of two streamed layers."""
+    if offload in ("none", "ram"):
+        floor = resident_bytes(target_dir)
+    else:
+        layers = int(check_architecture(target_dir).num_hidden_layers)
+        per_layer = resident_bytes(target_dir, layers=True) // max(layers, 1)
+        kept = min(ram_budget or 0, layers * per_layer)
+        floor = resident_bytes(target_dir, layers=False) + kept + 2 * per_layer
     return psutil.virtual_memory().available - int(floor * RAM_HEADROOM)
 
 

@@ -54,14 +54,19 @@ def _materialize_or_download(ref: ModelRef, progress) -> Path:
         return materialize(ref, progress)
 
 
-def write_config(path: Path, values: dict[str, str]) -> None:
-    """Update keys in the TOML config, keeping the others; atomic replace."""
+SETUP_KEYS = ("model", "draft", "offload", "quant", "ram_budget", "store")  # what setup decides
+
+
+def write_config(path: Path, values: dict[str, str], drop: tuple[str, ...] = ()) -> None:
+    """Update keys in the TOML config, remove those in ``drop``, keep the others; atomic replace."""
     current = {}
     if path.is_file():
         try:
             current = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix or delete it") from exc
+    for key in drop:
+        current.pop(key, None)
     current.update(values)
     lines = []
     for key, value in current.items():
@@ -116,13 +121,16 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
         progress(f"layer store ready: {path}")
     values = {
         "model": ref.spec if ref.kind != "registry" else ref.entry.name,
-        "draft": draft_name or "none",
+        # an auto-chosen draft stays "auto": run re-pairs (and re-checks the tokenizer) for any --model
+        "draft": "none" if draft_name is None else settings.draft if settings.draft != "auto" else "auto",
         "offload": plan.mode,
         "quant": quant,
     }
     if settings.ram_budget is not None and plan.mode == "ssd":
         values["ram_budget"] = settings.ram_budget  # the placement the calibration and later runs share
-    write_config(config_file(), values)
+    if settings.store is not None:
+        values["store"] = str(settings.store)
+    write_config(config_file(), values, drop=SETUP_KEYS)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if draft_name is not None:
         calibrate_setup(replace(settings, model=values["model"], draft=draft_name, offload=plan.mode, quant=quant), progress)

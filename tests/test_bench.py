@@ -48,6 +48,10 @@ def test_bench_table_output(tiny_dirs):
         (["--budgets", "0"], "must be >= 1"),
         (["--budgets", "a,b"], "comma-separated list"),
         (["--prompts", "/nonexistent.jsonl"], "cannot read prompts file"),
+        (["--methods", ""], "need at least one value"),
+        (["--temperatures", "nan"], "--temperatures >= 0"),
+        (["--draft", "none"], "needs a draft model, but the draft is 'none'"),
+        (["--plot", "/nonexistent-dir/b.png"], "does not exist"),
     ],
 )
 def test_bench_bad_options(tiny_dirs, args, fragment):
@@ -60,6 +64,12 @@ def test_prompts_file_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"turns": ["ok"]}\nnot json\n')
     with pytest.raises(InputError, match="line 2"):
+        load_prompts(bad, 10)
+    bad.write_text('{"prompt": 7}\n')
+    with pytest.raises(InputError, match="line 1"):
+        load_prompts(bad, 10)
+    bad.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(InputError, match="not UTF-8"):
         load_prompts(bad, 10)
     assert len(load_prompts(None, 80)) == 80
 
@@ -80,7 +90,7 @@ def test_streamed_bench_reports_the_physical_limit_and_recalibrates(tiny_dirs, t
         expected = row["tokens_per_pass"] * bandwidth / row["read_bytes_per_pass"]
         assert row["physical_limit_tok_s"] == pytest.approx(expected)
         assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / expected)
-    assert [r["budget"] for r in payload["rows"]] == [4, -1, 0]
+    assert [r["budget"] for r in payload["rows"]] == [4, "auto", 0]
 
 
 def _bench_args(tiny_dirs, prompts, *extra):
@@ -156,6 +166,7 @@ def test_bench_log_of_another_benchmark_is_refused_untouched(tiny_dirs, tmp_path
     [
         ("", "no bench setup line"),
         ('{"kind": "run"}\n{"kind": "setup"}\n', "line 1: not a specchat bench log record"),
+        ('{"kind": "setup", "setup": {}, "configurations": []}\n{"kind": "run", "stats": null}\n{}\n', "line 2"),
         (None, "cannot read bench log"),
     ],
 )

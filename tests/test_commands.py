@@ -166,9 +166,27 @@ def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_regi
 def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):
     import specchat.pipeline
 
-    monkeypatch.setattr(specchat.pipeline, "fast_memory_left", lambda target_dir: 1000)
+    monkeypatch.setattr(specchat.pipeline, "fast_memory_left", lambda *args: 1000)
     result = runner.invoke(app, ["run", "--model", "tiny-target", "--draft", "auto", "--max-new-tokens", "5", "the sea"])
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no registered draft of tiny-target can be used:")
     assert "tiny-draft: needs 0.0 GB, 0.0 GB left beside the target" in last and "--draft none" in last
+
+
+def test_a_second_setup_does_not_inherit_the_first_ones_placement(tiny_dirs, tmp_path):
+    import tomllib
+
+    from specchat.paths import config_file
+
+    store = tmp_path / "stores"
+    first = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--draft", "none", "--offload", "ssd",
+                                "--ram-budget", "1KB", "--store", str(store), "--yes"])
+    assert first.exit_code == 0, first.stderr
+    written = tomllib.loads(config_file().read_text())
+    assert (written["offload"], written["ram_budget"], written["store"]) == ("ssd", 1000, str(store))
+    second = runner.invoke(app, ["setup", str(tiny_dirs["draft"]), "--draft", "none", "--offload", "ram", "--yes"])
+    assert second.exit_code == 0, second.stderr
+    assert "offload none: --offload ram" in second.stderr and "layer store ready" not in second.stderr
+    written = tomllib.loads(config_file().read_text())
+    assert written == {"model": str(tiny_dirs["draft"]), "draft": "none", "offload": "none", "quant": "16bit"}

@@ -57,3 +57,28 @@ def test_cli_answers_a_piped_prompt_on_the_demo_pair():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "draft demo-0.5b" in result.stderr
+
+
+def test_demo_target_streamed_from_ssd_equals_resident(demo):
+    """The demo target's 28 layers read from its 16-bit store every pass (O_DIRECT) == the resident model."""
+    import torch
+
+    from specchat.lm import causal_visibility
+    from specchat.offload import load_streamed
+    from specchat.paths import cache_dir
+    from specchat.pipeline import stored_dtype
+    from specchat.store import build_store, store_dir_for
+
+    target_dir = demo.target.path
+    dtype = stored_dtype(target_dir)
+    store = build_store(target_dir, store_dir_for(cache_dir() / "stores", target_dir, dtype), dtype, dense_dtype=dtype)
+    streamed = load_streamed(store, torch.float32, resident_layers=0)
+    ids = torch.tensor(demo.encode_chat([{"role": "user", "content": "Write a haiku about the sea"}]))
+
+    def logits(lm):
+        return lm.forward(ids, torch.arange(len(ids)), causal_visibility(0, len(ids)), lm.new_cache())
+
+    expected, got = logits(demo.target.lm), logits(streamed)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=2e-3, rtol=1e-4), (got - expected).abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
