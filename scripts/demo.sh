@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
-$py -m pip install -q torch==2.13.0
+$py -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 $py -m pip install -q -e '.[demo]'
 echo "Write a Python function that checks whether a number is prime." \
   | .venv/bin/specchat run --model demo --max-new-tokens 128 "$@"
