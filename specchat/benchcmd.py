@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .bench import AUTO, BenchConfig, Row, configurations, load_prompts, run_bench
-from .benchlog import LogWriter, read_log
+from .benchlog import LogWriter, read_log, stream_rate
 from .config import RunConfig
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError, InputError
@@ -74,6 +74,9 @@ def run_bench_command(
     if (calibrate or AUTO in budgets) and pipeline.draft is not None:
         ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=calibrate)
     bandwidths = [_stream_bandwidth(pipeline, log)]
+    counters = getattr(pipeline.engine.target.layer_source, "read_counters", None)
+    reads: list[tuple[int, float]] = []
+    last = counters() if counters else (0, 0.0)
     total = (len(bench.prompts) - len(skip & set(range(len(bench.prompts))))) * len(keys)
     if skip:
         print(f"resuming {output.log}: {len(skip)} prompt(s) already measured", file=sys.stderr)
@@ -81,8 +84,15 @@ def run_bench_command(
         task = progress.add_task("benchmarking", total=total)
 
         def on_run(record) -> None:
+            nonlocal last
             if log:
                 log.run(record)
+            if counters:
+                now = counters()
+                reads.append((now[0] - last[0], now[1] - last[1]))
+                if log:
+                    log.reads(*reads[-1])
+                last = now
             progress.advance(task)
 
         rows = run_bench(pipeline, bench, settings.generation(), on_run, skip)
@@ -92,12 +102,11 @@ def run_bench_command(
         log.pipeline(setup)
         log.close()
         logged = read_log(output.log)  # the resumed prompts too
-        rows, bandwidth = logged.rows(), logged.stream_bytes_per_s
+        rows, (bandwidth, source) = logged.rows(), stream_rate(logged.reads, logged.bandwidths)
         setup["prompts"] = len(logged.complete_prompts())
     else:
-        measured = [b for b in bandwidths if b]
-        bandwidth = sum(measured) / len(measured) if measured else None  # before and after the runs
-    _render(rows, setup, bandwidth, output)
+        bandwidth, source = stream_rate(reads, [b for b in bandwidths if b])
+    _render(rows, setup | {"stream_measured": source}, bandwidth, output)
 
 
 def render_log_command(path: Path, output: BenchOutput) -> None:
@@ -107,7 +116,7 @@ def render_log_command(path: Path, output: BenchOutput) -> None:
     complete = log.complete_prompts()
     if not complete:
         raise InputError(f"{path}: no prompt has finished every configuration yet", "let the sweep run longer")
-    setup = dict(log.resolved or log.setup) | {"prompts": len(complete)}
+    setup = dict(log.resolved or log.setup) | {"prompts": len(complete), "stream_measured": log.stream_source}
     _render(log.rows(), setup, log.stream_bytes_per_s, output)
 
 
@@ -115,8 +124,8 @@ def _render(rows: list[Row], setup: dict, bandwidth: float | None, output: Bench
     if output.as_json:
         bench_json(rows, setup, sys.stdout, bandwidth)
     else:
-        print(" | ".join(f"{k}: {v}" for k, v in setup.items()), file=sys.stderr)
-        bench_table(rows, sys.stdout, bandwidth)
+        print(" | ".join(f"{k}: {v}" for k, v in setup.items() if v is not None), file=sys.stderr)
+        bench_table(rows, sys.stdout, bandwidth, setup.get("stream_measured"))
     if output.plot:
         bench_plot(rows, output.plot, title=f"{setup.get('target', '')}, {setup.get('prompts')} prompts")
         print(f"plot written to {output.plot}", file=sys.stderr)

@@ -5,6 +5,7 @@ Line kinds (each a JSON object with a ``kind``):
   ``run``        one (prompt, method, budget, temperature) generation and its stats
   ``bandwidth``  the stream bandwidth measured before/after an invocation's runs
   ``pipeline``   what an invocation resolved the settings to (model names, placement)
+  ``reads``      bytes the streamer read during one run and the seconds it spent reading them
 
 Only prompts on which *every* configuration finished count: the rows then hold
 the same prompts, so their ratios compare like with like even when a sweep was
@@ -32,6 +33,7 @@ class BenchLog:
     runs: dict[int, dict[Key, GenerationStats]] = field(default_factory=dict)
     bandwidths: list[float] = field(default_factory=list)
     resolved: dict | None = None  # the last invocation's resolved setup
+    reads: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds) per run
 
     def complete_prompts(self) -> list[int]:
         wanted = set(self.configurations)
@@ -47,7 +49,25 @@ class BenchLog:
 
     @property
     def stream_bytes_per_s(self) -> float | None:
-        return sum(self.bandwidths) / len(self.bandwidths) if self.bandwidths else None
+        return stream_rate(self.reads, self.bandwidths)[0]
+
+    @property
+    def stream_source(self) -> str | None:
+        return stream_rate(self.reads, self.bandwidths)[1]
+
+
+def stream_rate(reads: list[tuple[int, float]], alone: list[float]) -> tuple[float | None, str | None]:
+    """The stream's bandwidth for the physical limit, and how it was measured.
+
+    Preferred: bytes / seconds the reader spent reading *during* the runs (the disk
+    as it was while they ran); else the layer files read alone before/after them.
+    """
+    total_bytes, total_s = sum(b for b, _ in reads), sum(s for _, s in reads)
+    if total_bytes > 0 and total_s > 0:
+        return total_bytes / total_s, "read during the runs"
+    if alone:
+        return sum(alone) / len(alone), "layer files read alone, before and after the runs"
+    return None, None
 
 
 def _key(record: dict | list) -> Key:
@@ -79,6 +99,8 @@ def read_log(path: Path) -> BenchLog:
                 log.runs.setdefault(int(record["prompt"]), {})[_key(record)] = stats
             elif kind == "bandwidth" and log is not None:
                 log.bandwidths.append(float(record["bytes_per_s"]))
+            elif kind == "reads" and log is not None:
+                log.reads.append((int(record["bytes"]), float(record["seconds"])))
             elif kind == "pipeline" and log is not None:
                 log.resolved = dict(record["setup"])
             else:
@@ -138,6 +160,9 @@ class LogWriter:
 
     def pipeline(self, resolved: dict) -> None:
         self._write({"kind": "pipeline", "setup": resolved})
+
+    def reads(self, read_bytes: int, seconds: float) -> None:
+        self._write({"kind": "reads", "bytes": read_bytes, "seconds": seconds})
 
     def bandwidth(self, bytes_per_s: float) -> None:
         self._write({"kind": "bandwidth", "bytes_per_s": bytes_per_s})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -108,12 +109,15 @@ class StoreReader:
         self.store = store
         self.direct = direct and bool(O_DIRECT)
         self.bytes = 0  # bytes requested from the store so far
+        self.read_s = 0.0  # seconds spent waiting for those reads (not for free buffers)
         self._verified: set[int] = set()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="specchat-read")
 
     def read_into(self, index: int, buffer: mmap.mmap) -> None:
         path = self.store.layer_file(index)
+        start = time.perf_counter()
         self.direct = read_file_direct(path, buffer, self.store.layer_bytes, self._pool, self.direct)
+        self.read_s += time.perf_counter() - start
         self.bytes += self.store.layer_bytes
         if index not in self._verified:
             if zlib.crc32(buffer) != self.store.crc32[index]:
@@ -195,12 +199,15 @@ class StreamedLayers:
     def bytes_read(self) -> int:
         return self.reader.bytes
 
+    def read_counters(self) -> tuple[int, float]:
+        """(bytes read, seconds spent reading them) so far: their ratio over a span of passes is
+        the bandwidth the disk delivered *while* the passes ran (the reader thread only reads)."""
+        return self.reader.bytes, self.reader.read_s
+
     def measure_stream_bandwidth(self) -> float | None:
         """Bytes/s of reading every streamed layer file once, alone (the stream's physical limit)."""
         if not self.streamed:
             return None
-        import time
-
         scratch = mmap.mmap(-1, self.store.layer_bytes)
         start = time.perf_counter()
         for index in self.streamed:

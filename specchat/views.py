@@ -12,7 +12,7 @@ from rich.table import Table
 from .bench import AUTO, Row, physical_limit, ratios_to_ar
 
 
-def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None) -> None:
+def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None, stream_measured: str | None = None) -> None:
     ratios = ratios_to_ar(rows)
     table = Table(title="specchat bench", title_justify="left")
     headers = ("method", "budget", "temp", "prompts", "tok/pass", "tok/s", "vs AR", "target s/pass", "draft s/pass", "MB read/pass", "limit tok/s", "of limit")
@@ -38,7 +38,7 @@ def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None =
     if stream_bytes_per_s:
         console.print(
             f"limit: tokens/s if a pass cost only its stream = (tok/pass) x {stream_bytes_per_s / 1e9:.2f} GB/s "
-            "(the layer files read alone) / (bytes read per pass)"
+            f"({stream_measured or 'measured stream'}) / (bytes read per pass)"
         )
 
 

@@ -78,13 +78,17 @@ def test_streamed_bench_reports_the_physical_limit_and_recalibrates(tiny_dirs, t
     result = runner.invoke(app, [
         "bench", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--offload", "ssd",
         "--ram-budget", "1", "--store", str(tmp_path), "--n", "1", "--budgets", "4,auto", "--temperatures", "0",
-        "--methods", "specexec,ar", "--max-new-tokens", "6", "--calibrate", "--json",
+        "--methods", "specexec,ar", "--max-new-tokens", "6", "--calibrate", "--json", "--log", str(tmp_path / "log.jsonl"),
     ])
     assert result.exit_code == 0, result.stderr
-    assert "measuring pass times for --budget auto" in result.stderr
+    assert result.stderr.count("measuring pass times for --budget auto") == 1
     payload = json.loads(result.stdout)
     bandwidth = payload["setup"]["stream_bytes_per_s"]
-    assert bandwidth > 0
+    # The limit's bandwidth is the disk as the runs saw it: bytes the streamer read / seconds it spent reading.
+    assert payload["setup"]["stream_measured"] == "read during the runs"
+    reads = [r for r in _log_lines(tmp_path / "log.jsonl") if r["kind"] == "reads"]
+    assert len(reads) == 3 and all(r["bytes"] > 0 for r in reads)
+    assert bandwidth == pytest.approx(sum(r["bytes"] for r in reads) / sum(r["seconds"] for r in reads))
     for row in payload["rows"]:
         assert row["read_bytes_per_pass"] > 0
         expected = row["tokens_per_pass"] * bandwidth / row["read_bytes_per_pass"]
