@@ -14,7 +14,7 @@ from .calibrate import measure_calibration
 from .config import RunConfig
 from .costmodel import Calibration, load_calibration, save_calibration
 from .engine import Engine
-from .errors import InputError, ModelNotFound, ResourceError, SpecchatError
+from .errors import CorruptModel, InputError, ModelNotFound, ResourceError, SpecchatError
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
 from .paths import cache_dir
@@ -57,10 +57,13 @@ def _safetensors_headers(model_dir: Path) -> list[dict]:
     """The JSON header of each safetensors file: tensor name -> dtype, shape, offsets."""
     headers = []
     for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_len))
-        header.pop("__metadata__", None)
+        try:
+            with open(file, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+            header.pop("__metadata__", None)
+        except (struct.error, ValueError, AttributeError, OSError, MemoryError, OverflowError) as exc:
+            raise CorruptModel(f"{file} is not a readable safetensors file ({exc})", "re-download or re-convert the model") from exc
         headers.append(header)
     return headers
 

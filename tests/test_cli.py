@@ -90,6 +90,7 @@ BAD_INPUTS = [
     ("unknown-name", ["--model", "no-such-model"], None, None, "unknown model 'no-such-model'"),
     ("pickle", ["--model", "weights.bin"], None, None, "pickle checkpoint"),
     ("tokenizer-mismatch", ["--draft", "ALIEN"], None, None, "does not share the target's tokenizer"),
+    ("damaged-safetensors", ["--model", "DAMAGED", "--draft", "none"], None, None, "is not a readable safetensors file"),
     ("empty-stdin", [], "   \n", None, "the prompt is empty"),
     ("non-utf8-stdin", [], b"the sea \xff\xfe", None, "not UTF-8"),
     ("too-long", ["LONG"], None, None, "prompt is"),
@@ -112,6 +113,14 @@ BAD_INPUTS = [
 def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, case):
     _, extra, stdin, config_text, fragment = case
     extra = [str(tiny_dirs["alien"]) if a == "ALIEN" else a for a in extra]
+    if "DAMAGED" in extra:  # a model directory whose weights file is garbage
+        import shutil
+
+        damaged = tmp_path / "damaged"
+        shutil.copytree(tiny_dirs["target"], damaged)
+        for weights in damaged.glob("*.safetensors"):
+            weights.write_bytes(b"\xff" * 64)
+        extra = [str(damaged) if a == "DAMAGED" else a for a in extra]
     extra = ["sea " * 600 if a == "LONG" else a for a in extra]
     args = base_args(tiny_dirs, "--max-new-tokens", "4")
     if "--model" in extra:
