@@ -194,3 +194,37 @@ def test_budget_auto_calibrates_once_per_settings_and_a_fixed_budget_never(tiny_
     assert second.exit_code == 0, second.stderr
     assert "measuring pass times" not in second.stderr
     assert second.stdout == first.stdout
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (MemoryError(), 3),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8GB"), 3),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 3),
+    ],
+)
+def test_an_allocation_failure_is_one_error_line_and_exit_3(tiny_dirs, monkeypatch, error, code):
+    from specchat import engine as engine_module
+
+    def fail(self, prompt_ids, config):
+        raise error
+        yield
+
+    monkeypatch.setattr(engine_module.Engine, "generate", fail)
+    result = runner.invoke(app, base_args(tiny_dirs, "the sea"))
+    assert result.exit_code == code
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory; use --offload ssd")
+    assert "Traceback" not in result.stderr
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tiny_dirs, monkeypatch):
+    from specchat import engine as engine_module
+
+    def fail(self, prompt_ids, config):
+        raise RuntimeError("shape mismatch")
+        yield
+
+    monkeypatch.setattr(engine_module.Engine, "generate", fail)
+    result = runner.invoke(app, base_args(tiny_dirs, "the sea"))
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
