@@ -80,6 +80,11 @@ def run_bench_command(
     total = (len(bench.prompts) - len(skip & set(range(len(bench.prompts))))) * len(keys)
     if skip:
         print(f"resuming {output.log}: {len(skip)} prompt(s) already measured", file=sys.stderr)
+    print(
+        f"benchmarking: {total // len(keys)} prompt(s) x {len(keys)} configuration(s) = {total} runs"
+        + (f"; every finished run is appended to {output.log}" if log else "; --log FILE keeps them if the sweep is cut short"),
+        file=sys.stderr,
+    )
     with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("benchmarking", total=total)
 

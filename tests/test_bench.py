@@ -125,6 +125,7 @@ def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path
     resumed = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "3", "--log", str(log), "--json"))
     assert resumed.exit_code == 0, resumed.stderr
     assert "1 prompt(s) already measured" in resumed.stderr
+    assert "benchmarking: 2 prompt(s) x 2 configuration(s) = 4 runs" in resumed.stderr
     rerun = [(r["prompt"], r["method"]) for r in _log_lines(log)[4:] if r.get("kind") == "run"]
     assert rerun == [(1, "specexec"), (1, "ar"), (2, "specexec"), (2, "ar")]
     payload = json.loads(resumed.stdout)
