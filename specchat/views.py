@@ -97,6 +97,7 @@ def bench_plot(rows: list[Row], path: Path, title: str = "") -> None:
                     axis.axhline(value(r), linestyle=style, color=colour, label=name)
     for axis, ylabel in ((per_pass, "tokens per target pass"), (per_s, "tokens / s")):
         axis.set_xscale("log", base=2)
+        axis.set_ylim(bottom=0)
         axis.set_xlabel("budget (tree nodes per pass)")
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
