@@ -39,3 +39,21 @@ def test_temperature_sharpens():
 def test_bad_sampling_parameters_are_refused(temperature, top_p):
     with pytest.raises(ValueError):
         SamplingParams(temperature, top_p)
+
+
+def _top_p_by_full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference: rank the whole vocabulary."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
+    kept = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("sharpness", [0.01, 0.3, 1.0, 4.0])  # near-flat rows need the search to widen to V
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_over_the_top_k_equals_a_full_sort(sharpness, top_p):
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 5000, generator=generator, dtype=torch.float64) * sharpness
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(top_p_filter(probs, top_p) > 0, _top_p_by_full_sort(probs, top_p) > 0)
+    assert torch.allclose(top_p_filter(probs, top_p), _top_p_by_full_sort(probs, top_p), rtol=0, atol=1e-15)
