@@ -101,19 +101,21 @@ def _check_ram(needed: int, what: str) -> None:
 
 
 def _choose_draft(
-    config: RunConfig, target_ref: ModelRef, registry: dict[str, ModelEntry], progress: Progress
+    config: RunConfig, target_ref: ModelRef, target_dir: Path, registry: dict[str, ModelEntry], progress: Progress
 ) -> tuple[ModelRef | None, Path | None, str]:
-    """(draft ref, its directory, one-line reason)."""
+    """(draft ref, its directory, one-line reason); the draft's tokenizer is checked against the target's."""
     if config.method == "ar" or config.draft == "none":
         return None, None, "no draft: plain autoregressive decoding"
     if config.draft != "auto":
         ref = parse_model_spec(config.draft, registry)
-        return ref, materialize(ref, progress), f"draft {ref.display}: chosen with --draft"
-    return _auto_draft(config, target_ref, registry, progress)
+        draft_dir = materialize(ref, progress)
+        check_same_tokenizer(load_tokenizer(target_dir), load_tokenizer(draft_dir), ref.display)
+        return ref, draft_dir, f"draft {ref.display}: chosen with --draft"
+    return _auto_draft(config, target_ref, target_dir, registry, progress)
 
 
 def _auto_draft(
-    config: RunConfig, target_ref: ModelRef, registry: dict[str, ModelEntry], progress: Progress
+    config: RunConfig, target_ref: ModelRef, target_dir: Path, registry: dict[str, ModelEntry], progress: Progress
 ) -> tuple[ModelRef, Path, str]:
     """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
 
@@ -127,7 +129,6 @@ def _auto_draft(
             f"no registered draft pairs with {target_ref.display}",
             "name one with --draft, or use --draft none for plain decoding",
         )
-    target_dir = materialize(target_ref, progress)
     target_tokenizer = load_tokenizer(target_dir)
     room = fast_memory_left(target_dir, config.offload, config.ram_budget)
     skipped = []
@@ -216,10 +217,9 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     registry = load_registry()
     target_ref = parse_model_spec(config.model, registry)
     target_dir = materialize(target_ref, progress)
-    draft_ref, draft_dir, reason = _choose_draft(config, target_ref, registry, progress)
+    # refuses a mismatched draft before loading gigabytes
+    draft_ref, draft_dir, reason = _choose_draft(config, target_ref, target_dir, registry, progress)
     draft_bytes = resident_bytes(draft_dir) if draft_dir else 0
-    if draft_dir is not None:  # refuse a mismatched draft before loading gigabytes
-        check_same_tokenizer(load_tokenizer(target_dir), load_tokenizer(draft_dir), draft_ref.display)
     progress(f"loading {target_ref.display}")
     target, plan = _load_target(config, target_dir, draft_bytes, progress)
     progress(plan.reason)

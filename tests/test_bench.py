@@ -108,11 +108,17 @@ def _log_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path):
+def _logged_sweep(tiny_dirs, tmp_path, *texts):
+    """A prompts file of ``texts``, its log path, and a first logged --json sweep over all of them."""
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "the sea"}\n{"prompt": "blue moon"}\n{"prompt": "red sky"}\n')
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
     log = tmp_path / "runs.jsonl"
-    first = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "3", "--log", str(log), "--json"))
+    args = _bench_args(tiny_dirs, prompts, "--n", str(len(texts)), "--log", str(log), "--json")
+    return prompts, log, args, runner.invoke(app, args)
+
+
+def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path):
+    _, log, args, first = _logged_sweep(tiny_dirs, tmp_path, "the sea", "blue moon", "red sky")
     assert first.exit_code == 0, first.stderr
     records = _log_lines(log)
     assert records[0]["kind"] == "setup"
@@ -122,7 +128,7 @@ def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path
     ]
     # Cut the sweep short after prompt 1's first run (and a half-written line), then resume.
     log.write_text("\n".join(json.dumps(r) for r in records[:4]) + '\n{"kind": "ru')
-    resumed = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "3", "--log", str(log), "--json"))
+    resumed = runner.invoke(app, args)
     assert resumed.exit_code == 0, resumed.stderr
     assert "1 prompt(s) already measured" in resumed.stderr
     assert "benchmarking: 2 prompt(s) x 2 configuration(s) = 4 runs" in resumed.stderr
@@ -131,15 +137,12 @@ def test_bench_log_resumes_and_renders_only_complete_prompts(tiny_dirs, tmp_path
     payload = json.loads(resumed.stdout)
     assert payload["setup"]["prompts"] == 3
     assert all(row["prompts"] == 3 for row in payload["rows"])
-    # The whole first invocation's numbers for prompt 0 are kept, not re-measured.
+    # The uninterrupted first invocation reported all three prompts as well.
     assert json.loads(first.stdout)["rows"][0]["prompts"] == 3
 
 
 def test_bench_from_log_renders_without_loading_a_model(tiny_dirs, tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "the sea"}\n{"prompt": "blue moon"}\n')
-    log = tmp_path / "runs.jsonl"
-    ran = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "2", "--log", str(log), "--json"))
+    _, log, _, ran = _logged_sweep(tiny_dirs, tmp_path, "the sea", "blue moon")
     assert ran.exit_code == 0, ran.stderr
     # Drop prompt 1's AR run: only prompt 0 has every configuration.
     records = _log_lines(log)
