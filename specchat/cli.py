@@ -25,7 +25,8 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Target: regist
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name, hub id, path, 'auto' or 'none'.")]
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precision: 16bit, 4bit (NF4, streams 3.5x fewer bytes) or auto.")]
 DraftQuantOpt = Annotated[Optional[str], typer.Option("--draft-quant", help="Draft weights: int8 (dynamic, fast on CPU) or none.")]
-OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto, none (resident), ram (resident on a CPU) or ssd (streamed from the layer store).")]
+OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto, none (resident), ram (pinned RAM, copied to the GPU each pass; resident on a CPU) or ssd (streamed from the layer store).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Compute device: auto (a CUDA GPU if torch sees one), cpu or cuda.")]
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
@@ -62,6 +63,7 @@ def run(
     draft_quant: DraftQuantOpt = None,
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
+    device: DeviceOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     method: MethodOpt = None,
@@ -78,7 +80,7 @@ def run(
     from .oneshot import read_prompt, run_oneshot, stderr_progress
 
     flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget, store=store,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store,
         method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, system=system,
     )
@@ -96,6 +98,7 @@ def chat(
     draft_quant: DraftQuantOpt = None,
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
+    device: DeviceOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     method: MethodOpt = None,
@@ -112,7 +115,7 @@ def chat(
     from .chatcmd import run_chat
 
     flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget,
         store=store, method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, system=system,
     )
@@ -182,6 +185,7 @@ def setup(
     draft: DraftOpt = None,
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
+    device: DeviceOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before downloading.")] = False,
@@ -192,7 +196,7 @@ def setup(
 
     with error_boundary(debug):
         # From defaults and flags only: a previous setup's model, draft or placement must not leak into this one.
-        flags = dict(draft=draft, quant=quant, offload=offload, ram_budget=ram_budget, store=store)
+        flags = dict(draft=draft, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store)
         settings = build_config(flags, None, config_file(), use_file=False)
         run_setup(model, settings, yes)
 
@@ -228,6 +232,7 @@ def bench(
     draft_quant: DraftQuantOpt = None,
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
+    device: DeviceOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -241,7 +246,7 @@ def bench(
     from .benchcmd import BenchOutput, render_log_command, run_bench_command
 
     output = BenchOutput(as_json=json_output, plot=plot, log=log)
-    flags = dict(model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, ram_budget=ram_budget, store=store)
+    flags = dict(model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store)
     with error_boundary(debug):
         if from_log is not None:
             render_log_command(from_log, output)

@@ -20,6 +20,7 @@ from .errors import ConfigError
 QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
+DEVICES = ("auto", "cpu", "cuda")  # auto: the first CUDA GPU torch sees, else the CPU
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -44,6 +45,7 @@ class RunConfig:
     draft: str = "auto"  # registry name, hub id, path, "auto" or "none"
     quant: str = "auto"  # precision of the target's weights
     draft_quant: str = "int8"  # the draft's weights on a CPU: dynamic int8, or as stored
+    device: str = "auto"  # where the draft and the target's layers compute
     offload: str = "auto"  # where the target's layers live
     ram_budget: int | None = None  # bytes of RAM resident layers may use
     store: Path | None = None  # layer store directory
@@ -62,6 +64,7 @@ class RunConfig:
         _choice("quant", self.quant, QUANTS)
         _choice("offload", self.offload, OFFLOADS)
         _choice("draft_quant", self.draft_quant, DRAFT_QUANTS)
+        _choice("device", self.device, DEVICES)
         if self.ram_budget is not None and self.ram_budget <= 0:
             raise ConfigError(f"--ram-budget must be positive, got {self.ram_budget}")
         try:

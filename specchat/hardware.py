@@ -127,11 +127,14 @@ def detect(store_dir: Path) -> dict:
 
 
 def fit(entry: ModelEntry, facts: dict) -> str:
-    """How the target would run here: "ram" (resident), "ssd" (streamed), or "no"."""
+    """How the target would run here: "ram" (resident: in RAM on a CPU, in VRAM on a GPU),
+    "pinned" (GPU only: layers in pinned RAM, copied in every pass), "ssd" (streamed), or "no"."""
     compute_bytes = entry.bytes_at(32) if not facts["gpus"] else entry.bytes_at(16)
     fast_memory = facts["ram_available"] if not facts["gpus"] else facts["gpus"][0]["vram_free"]
     if compute_bytes * 1.2 < fast_memory:
         return "ram"
+    if facts["gpus"] and entry.bytes_at(16) * 1.2 < facts["ram_available"]:
+        return "pinned"
     if entry.bytes_at(16) * 2 < facts["disk_free"]:  # the download and the layer store
         return "ssd"
     return "no"
@@ -150,13 +153,14 @@ def recommend(facts: dict, registry: dict[str, ModelEntry]) -> dict[str, dict[st
     how = fit(choice, facts)
     drafts = [registry[d] for d in choice.drafts]
     draft = min(drafts, key=lambda e: e.params_b) if drafts else None
-    gbps = facts["disk_read_gbps"]
+    gbps = facts["gpus"][0]["pinned_h2d_gbps"] if how == "pinned" else facts["disk_read_gbps"]
     stream_s = choice.bytes_at(16) / (gbps * 1e9) if gbps else float("inf")
+    streams = how in ("ssd", "pinned")
     # A pass costs max(stream, compute); the tree may grow until compute catches up with the stream.
     flops = facts["cpu"]["fp32_gflops"] * 1e9 if not facts["gpus"] else 200e12
     break_even = stream_s * flops / (2 * choice.params_b * 1e9)
     budget = 16
-    while how == "ssd" and budget * 2 <= min(break_even, 1024):
+    while streams and budget * 2 <= min(break_even, 1024):
         budget *= 2
     return {
         "target": {"value": choice.name, "reason": f"the largest registered target that runs here ({how})"},
@@ -166,13 +170,16 @@ def recommend(facts: dict, registry: dict[str, ModelEntry]) -> dict[str, dict[st
         },
         "quant": {"value": "16bit", "reason": "16-bit weights, the target's own outputs"},
         "offload": {
-            "value": "none" if how == "ram" else "ssd",
-            "reason": "it fits in memory" if how == "ram" else f"it does not fit in memory; one pass streams it in about {stream_s:.0f}s",
+            "value": {"ram": "none", "pinned": "ram"}.get(how, "ssd"),
+            "reason": {
+                "ram": "it fits in memory",
+                "pinned": "it does not fit the GPU but fits in RAM: layers are copied in from pinned RAM every pass",
+            }.get(how, f"it does not fit in memory; one pass streams it in about {stream_s:.0f}s"),
         },
         "budget": {
             "value": str(budget),
             "reason": f"about where verifying the tree costs as much compute as streaming the target ({break_even:.0f} tokens)"
-            if how == "ssd"
+            if streams
             else "a resident target is compute-bound here: small trees",
         },
     }

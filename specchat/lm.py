@@ -101,7 +101,7 @@ class LayeredLM:
         cache: KVCache,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (R, vocab) in float32 for ``logit_rows`` of the T new tokens (all rows if None).
+        """Logits (R, vocab) in float32 on the CPU for ``logit_rows`` of the T new tokens (all rows if None).
 
         input_ids: (T,) long; positions: (T,) long absolute positions;
         visible:   (T, cache.length + T) bool, True where a query may attend.
@@ -131,7 +131,9 @@ class LayeredLM:
         if logit_rows is not None:
             hidden = hidden.index_select(0, logit_rows.to(self.device))
         hidden = self.norm(hidden)
-        return self.lm_head(hidden).float()  # (R, vocab)
+        # On the host: sampling, seeds and tree bookkeeping run on the CPU whatever computed the logits
+        # (a (256, 152k) float32 block is ~155 MB, ~10 ms over PCIe, small beside a streamed pass).
+        return self.lm_head(hidden).float().cpu()  # (R, vocab)
 
     def bytes_read(self) -> int:
         return self.layer_source.bytes_read()

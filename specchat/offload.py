@@ -1,9 +1,15 @@
 """Building the offloaded target: resident embeddings/norm/head, decoder layers from the store.
 
-Modes (``--offload``):
+Modes (``--offload``), on a CPU:
   none  every layer resident (loaded straight from the model directory)
+  ram   the same as none: host RAM *is* the compute device's memory
   ssd   layers stream from the store on every pass, except those that fit ``--ram-budget``
   auto  none when the model fits the available RAM, else ssd
+
+On a GPU (:func:`plan_offload_gpu`) the layers that fit the free VRAM stay there
+in every mode; of the rest, ``ram`` keeps all in pinned host RAM and ``ssd`` keeps
+those that fit ``--ram-budget`` and reads the others from the store; all of them
+are copied to the GPU on every pass (:mod:`specchat.devicestream`).
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ from torch import nn
 from .cpulinear import use_weight_left_linears
 from .lm import LayeredLM
 from .store import RESIDENT, Store
+from .devicestream import DeviceStreamedLayers
 from .streamer import StreamedLayers
 
 
 @dataclass(frozen=True)
 class OffloadPlan:
-    mode: str  # "none" | "ssd"
-    resident_layers: int  # decoder layers kept in RAM (ssd mode)
+    mode: str  # "none" | "ssd" on a CPU; "none" | "ram" | "ssd" on a GPU
+    resident_layers: int  # decoder layers kept in the compute device's memory (CPU: RAM; GPU: VRAM)
     reason: str
+    host_layers: int = 0  # GPU only: layers waiting in pinned host RAM, copied to the GPU every pass
+
+
+GPU_RING = 2  # device slots the streamed layers pass through
+GPU_HEADROOM = 0.1  # of the free VRAM, kept for the KV cache, activations and logits (at least 1 GB)
 
 
 def layer_compute_bytes(store: Store, compute_dtype: torch.dtype) -> int:
@@ -58,10 +70,76 @@ def plan_offload(
     )
 
 
+def plan_offload_gpu(
+    mode: str,
+    layers: int,
+    layer_bytes: int,
+    stored_layer_bytes: int,
+    other_bytes: int,
+    vram_free: int,
+    available_ram: int,
+    ram_budget: int | None,
+    keep_files: bool = False,
+) -> OffloadPlan:
+    """Where the target's layers live when a GPU computes.  Sizes in bytes: ``layer_bytes`` one
+    layer in the compute dtype on the GPU, ``stored_layer_bytes`` one layer file (16-bit or NF4),
+    ``other_bytes`` the embeddings, norm and head; ``vram_free`` is what is left beside the draft.
+    ``keep_files``: layers stay on the GPU as their (4-bit) files, dequantised every pass."""
+    kept_bytes = stored_layer_bytes if keep_files else layer_bytes  # one layer that stays on the GPU
+    model_bytes = other_bytes + layers * kept_bytes + (GPU_RING * layer_bytes if keep_files else 0)
+    if mode == "auto":
+        if model_bytes * 1.2 < vram_free and ram_budget is None:
+            mode, why = "none", "the target fits the GPU"
+        elif layers * stored_layer_bytes * 1.2 < available_ram and ram_budget is None:
+            mode, why = "ram", "the target does not fit the GPU but fits in RAM"
+        else:
+            mode = "ssd"
+            why = "--ram-budget is set" if ram_budget is not None else "the target fits neither the GPU nor RAM"
+    else:
+        why = f"--offload {mode}"
+    if mode == "none":
+        return OffloadPlan("none", layers, f"offload none: {why}; every layer on the GPU")
+    headroom = max(int(vram_free * GPU_HEADROOM), 1 << 30)
+    room = vram_free - other_bytes - GPU_RING * (layer_bytes + stored_layer_bytes) - headroom
+    on_gpu = min(layers, max(room // max(kept_bytes, 1), 0))
+    rest = layers - on_gpu
+    if mode == "ram":
+        host = rest
+    else:
+        budget = ram_budget if ram_budget is not None else max(available_ram // 2 - 2 * stored_layer_bytes, 0)
+        host = min(rest, max(budget // max(stored_layer_bytes, 1), 0))
+    return OffloadPlan(
+        mode,
+        on_gpu,
+        f"offload {mode}: {why}; {on_gpu} of {layers} layers stay on the GPU, {host} wait in pinned RAM, "
+        f"{rest - host} stream from the store",
+        host_layers=host,
+    )
+
+
 def load_streamed(
-    store: Store, compute_dtype: torch.dtype = torch.float32, resident_layers: int = 0, ring: int = 2, direct: bool = True
+    store: Store,
+    compute_dtype: torch.dtype = torch.float32,
+    resident_layers: int = 0,
+    ring: int = 2,
+    direct: bool = True,
+    device: torch.device | str = "cpu",
+    host_layers: int = 0,
+    copy_to_device: bool | None = None,
+    keep_files: bool = False,
 ) -> LayeredLM:
-    """A :class:`LayeredLM` whose decoder layers stream from ``store``."""
+    """A :class:`LayeredLM` whose decoder layers stream from ``store``.
+
+    On a CPU the first ``resident_layers`` stay in RAM and the rest are read every pass.
+    On another device the first ``resident_layers`` stay on it, the next ``host_layers``
+    wait in pinned host RAM and the rest are read from the store; all but the first are
+    copied to the device every pass.  With ``keep_files`` the first ``resident_layers`` stay
+    on the device as layer files (4-bit) instead of modules.  ``copy_to_device`` forces that host -> device ring even
+    on a CPU (None: only for another device), which is how tests run it without a GPU.
+    """
+    device = torch.device(device)
+    if copy_to_device is None:
+        copy_to_device = device.type != "cpu"
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -82,13 +160,28 @@ def load_streamed(
         raise CorruptModel(f"layer store {store.path} lacks {sorted(missing)[0]}", f"delete {store.path} and rebuild")
     skeleton.load_state_dict(weights, strict=False, assign=True)
     skeleton.model.rotary_emb = rotary_class(config=config)
-    skeleton.eval()
-    use_weight_left_linears(skeleton)
+    skeleton.to(device).eval()
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        use_weight_left_linears(skeleton)
 
     def make_layer(index: int) -> nn.Module:
         with torch.device("meta"):
             layer = layer_class(config, index)
-        return use_weight_left_linears(layer.to_empty(device="cpu").to(compute_dtype).eval())
+        layer = layer.to_empty(device=device).to(compute_dtype).eval()
+        return use_weight_left_linears(layer) if on_cpu else layer
 
-    source = StreamedLayers(store, make_layer, resident=set(range(resident_layers)), ring=ring, direct=direct)
+    if not copy_to_device:
+        source = StreamedLayers(store, make_layer, resident=set(range(resident_layers)), ring=ring, direct=direct)
+    else:
+        source = DeviceStreamedLayers(
+            store,
+            make_layer,
+            device,
+            host=set(range(resident_layers, min(resident_layers + host_layers, store.num_layers))),
+            device_resident=set() if keep_files else set(range(resident_layers)),
+            device_files=set(range(resident_layers)) if keep_files else set(),
+            ring=ring,
+            direct=direct,
+        )
     return LayeredLM(skeleton, source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -16,7 +16,7 @@ from .costmodel import Calibration, load_calibration, save_calibration
 from .engine import Engine
 from .errors import CorruptModel, InputError, ModelNotFound, ResourceError, SpecchatError
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
-from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload
+from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload, plan_offload_gpu
 from .paths import cache_dir
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, Progress, materialize, parse_model_spec
@@ -24,6 +24,28 @@ from .store import build_store, store_dir_for
 
 COMPUTE_DTYPE = torch.float32  # bf16 matmuls ran ~170x slower than fp32 on an AVX2 CPU (benchmarks/cpu_matmul.py)
 RAM_HEADROOM = 1.1  # activations, KV cache and allocator slack over the raw weights
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``--device``: auto = the first CUDA GPU torch sees, else the CPU."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise ResourceError(
+            "--device cuda: torch sees no CUDA GPU",
+            "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu128) "
+            "or use --device cpu",
+        )
+    return torch.device("cpu")
+
+
+def compute_dtype_for(device: torch.device) -> torch.dtype:
+    """fp32 on a CPU (fastest there); bf16 on a GPU that has it, else fp16."""
+    if device.type == "cpu":
+        return COMPUTE_DTYPE
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @dataclass
@@ -35,6 +57,7 @@ class Pipeline:
     draft_name: str | None
     draft_reason: str
     offload: OffloadPlan
+    device: torch.device = torch.device("cpu")
 
     @property
     def tokenizer(self):
@@ -110,7 +133,7 @@ def _choose_draft(
         ref = parse_model_spec(config.draft, registry)
         draft_dir = materialize(ref, progress)
         check_same_tokenizer(load_tokenizer(target_dir), load_tokenizer(draft_dir), ref.display)
-        return ref, draft_dir, f"draft {ref.display}: chosen with --draft"
+        return ref, draft_dir, f"draft {ref.display}: as configured (--draft, SPECCHAT_DRAFT or the config file); same tokenizer as the target"
     return _auto_draft(config, target_ref, target_dir, registry, progress)
 
 
@@ -130,7 +153,7 @@ def _auto_draft(
             "name one with --draft, or use --draft none for plain decoding",
         )
     target_tokenizer = load_tokenizer(target_dir)
-    room = fast_memory_left(target_dir, config.offload, config.ram_budget)
+    room = fast_memory_left(target_dir, config.offload, config.ram_budget, resolve_device(config.device))
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)
@@ -140,7 +163,7 @@ def _auto_draft(
         except SpecchatError as exc:  # absent, corrupt, or another tokenizer
             skipped.append(f"{name}: {exc.what}")
             continue
-        needed = int(resident_bytes(draft_dir) * RAM_HEADROOM)
+        needed = int(resident_bytes(draft_dir, compute_dtype_for(resolve_device(config.device))) * RAM_HEADROOM)
         if needed > room:
             skipped.append(f"{name}: needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB left beside the target")
             continue
@@ -156,9 +179,22 @@ def _auto_draft(
     )
 
 
-def fast_memory_left(target_dir: Path, offload: str = "auto", ram_budget: int | None = None) -> int:
-    """RAM available beside the target: all of it when resident (``none``/``ram``), else its
-    non-layer weights, the layers ``--ram-budget`` keeps, and a ring of two streamed layers."""
+def fast_memory_left(
+    target_dir: Path, offload: str = "auto", ram_budget: int | None = None, device: torch.device = torch.device("cpu")
+) -> int:
+    """Memory of the compute device available beside the target.
+
+    CPU: RAM minus all of the target when resident (``none``/``ram``), else minus its non-layer
+    weights, the layers ``--ram-budget`` keeps, and a ring of two streamed layers.
+    GPU: free VRAM minus the target's least share (non-layer weights, two layer slots, 1 GiB of
+    headroom); the draft goes first, the target's layers fill what it leaves.
+    """
+    if device.type == "cuda":
+        dtype = compute_dtype_for(device)
+        layers = int(check_architecture(target_dir).num_hidden_layers)
+        per_layer = resident_bytes(target_dir, dtype, layers=True) // max(layers, 1)
+        least = resident_bytes(target_dir, dtype, layers=False) + 4 * per_layer + (1 << 30)
+        return torch.cuda.mem_get_info(device)[0] - least
     if offload in ("none", "ram"):
         floor = resident_bytes(target_dir)
     else:
@@ -205,6 +241,70 @@ def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress
     return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan
 
 
+def gpu_plan(
+    config: RunConfig, target_dir: Path, draft_bytes: int, device: torch.device, stored_layer_bytes: int | None = None
+) -> OffloadPlan:
+    """Where the target's layers go on ``device`` (:func:`plan_offload_gpu`) beside a draft of
+    ``draft_bytes``; the layer-file size is estimated until the store exists."""
+    dtype = compute_dtype_for(device)
+    layers = int(check_architecture(target_dir).num_hidden_layers)
+    four_bit = resolve_quant(config.quant, config.offload) == "4bit"
+    layer_bytes = resident_bytes(target_dir, dtype, layers=True) // layers
+    if stored_layer_bytes is None:  # a 16-bit store holds the layer as is; NF4 keeps 4.5 of its 16 bits
+        stored_layer_bytes = layer_bytes * 9 // 32 if four_bit else layer_bytes
+    return plan_offload_gpu(
+        config.offload,
+        layers,
+        layer_bytes,
+        stored_layer_bytes,
+        resident_bytes(target_dir, dtype, layers=False),
+        torch.cuda.mem_get_info(device)[0] - draft_bytes,
+        psutil.virtual_memory().available,
+        config.ram_budget,
+        keep_files=four_bit,
+    )
+
+
+def _load_target_gpu(
+    config: RunConfig, target_dir: Path, draft_bytes: int, device: torch.device, progress: Progress
+) -> tuple[LoadedModel, OffloadPlan]:
+    """The target on a GPU: resident when it fits, else its layers copied in every pass from
+    pinned host RAM or the store (:mod:`specchat.devicestream`); a 4-bit target keeps its
+    packed layer files on the GPU and dequantises them there."""
+    dtype = compute_dtype_for(device)
+    layers = int(check_architecture(target_dir).num_hidden_layers)
+    four_bit = resolve_quant(config.quant, config.offload) == "4bit"
+    layer_bytes = resident_bytes(target_dir, dtype, layers=True) // layers
+    other_bytes = resident_bytes(target_dir, dtype, layers=False)
+    vram_free = torch.cuda.mem_get_info(device)[0] - draft_bytes
+    plan = gpu_plan(config, target_dir, draft_bytes, device)
+    if plan.mode == "none" and not four_bit:
+        _check_vram(other_bytes + layers * layer_bytes, vram_free, device, "hold the target")
+        return load_resident(target_dir, dtype, str(device)), plan
+    store_dtype = store_dtype_for(resolve_quant(config.quant, plan.mode), target_dir)
+    store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, store_dtype)
+    store = build_store(target_dir, store_path, store_dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
+    plan = gpu_plan(replace(config, offload=plan.mode), target_dir, draft_bytes, device, store.layer_bytes)
+    if four_bit:
+        plan = OffloadPlan(plan.mode, plan.resident_layers, f"{plan.reason} (4-bit NF4 layer files)", plan.host_layers)
+    kept = plan.resident_layers * (store.layer_bytes if four_bit else layer_bytes)
+    _check_vram(other_bytes + kept + 2 * (layer_bytes + store.layer_bytes), vram_free, device, "stream the target")
+    staging = 2 * store.layer_bytes if plan.resident_layers + plan.host_layers < layers else 0
+    _check_ram(plan.host_layers * store.layer_bytes + staging, "hold the target's layers in pinned RAM")
+    lm = load_streamed(
+        store, dtype, resident_layers=plan.resident_layers, device=device, host_layers=plan.host_layers, keep_files=four_bit
+    )
+    return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan
+
+
+def _check_vram(needed: int, free: int, device: torch.device, what: str) -> None:
+    if needed > free:
+        raise ResourceError(
+            f"not enough GPU memory to {what} on {device}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
+            "use --offload ram or ssd, --quant 4bit, a smaller draft, or close other GPU programs",
+        )
+
+
 def _store_progress(progress: Progress):
     def report(done: int, total: int) -> None:
         if done == 1 or done == total or done % 8 == 0:
@@ -219,18 +319,25 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     target_dir = materialize(target_ref, progress)
     # refuses a mismatched draft before loading gigabytes
     draft_ref, draft_dir, reason = _choose_draft(config, target_ref, target_dir, registry, progress)
-    draft_bytes = resident_bytes(draft_dir) if draft_dir else 0
-    progress(f"loading {target_ref.display}")
-    target, plan = _load_target(config, target_dir, draft_bytes, progress)
+    device = resolve_device(config.device)
+    dtype = compute_dtype_for(device)
+    draft_bytes = resident_bytes(draft_dir, dtype) if draft_dir else 0
+    progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    if device.type == "cuda":
+        target, plan = _load_target_gpu(config, target_dir, draft_bytes, device, progress)
+    else:
+        target, plan = _load_target(config, target_dir, draft_bytes, progress)
     progress(plan.reason)
     draft = None
     if draft_dir is not None:
         progress(f"loading {draft_ref.display}")
-        draft = load_resident(draft_dir, COMPUTE_DTYPE)
-        if config.draft_quant == "int8":
+        draft = load_resident(draft_dir, dtype, str(device))
+        if config.draft_quant == "int8" and device.type == "cpu":  # a CPU speed-up; a GPU runs the draft in 16-bit
             quantize_int8(draft.lm)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
-    pipeline = Pipeline(engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan)
+    pipeline = Pipeline(
+        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device
+    )
     if draft is not None and config.budget is None:  # --budget auto runs on the cost model
         ensure_calibration(pipeline, config, progress)
     return pipeline
@@ -242,7 +349,8 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
 
     return (
         f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} "
-        f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers} "
+        f"device={pipeline.device.type} offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
+        f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "
         f"draft={pipeline.draft_name} {config.draft_quant} batch={config.draft_batch} depth={config.max_depth} "
         f"threads={torch.get_num_threads()} specchat={__version__}"
     )

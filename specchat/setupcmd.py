@@ -15,7 +15,7 @@ from .config import RunConfig
 from .errors import ConfigError, ModelNotFound, ResourceError
 from .oneshot import stderr_progress
 from .paths import cache_dir, config_file
-from .pipeline import resident_bytes, resolve_quant, store_dtype_for, stored_dtype
+from .pipeline import gpu_plan, resident_bytes, resolve_device, resolve_quant, store_dtype_for, stored_dtype
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, materialize, parse_model_spec
 from .store import build_store, store_dir_for
@@ -54,7 +54,7 @@ def _materialize_or_download(ref: ModelRef, progress) -> Path:
         return materialize(ref, progress)
 
 
-SETUP_KEYS = ("model", "draft", "offload", "quant", "ram_budget", "store")  # what setup decides
+SETUP_KEYS = ("model", "draft", "offload", "quant", "ram_budget", "store", "device")  # what setup decides
 
 
 def write_config(path: Path, values: dict[str, str], drop: tuple[str, ...] = ()) -> None:
@@ -107,10 +107,15 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
     from .loading import check_architecture
 
     layers = int(check_architecture(target_dir).num_hidden_layers)
-    plan = plan_offload(settings.offload, layers, model_bytes // layers, model_bytes, psutil.virtual_memory().available, settings.ram_budget)
+    device = resolve_device(settings.device)
+    if device.type == "cuda":  # the draft's share of the GPU is settled when run loads it
+        plan = gpu_plan(settings, target_dir, 0, device)
+    else:
+        available = psutil.virtual_memory().available
+        plan = plan_offload(settings.offload, layers, model_bytes // layers, model_bytes, available, settings.ram_budget)
     progress(plan.reason)
     quant = resolve_quant(settings.quant, plan.mode)
-    if plan.mode == "ssd" or quant == "4bit":
+    if plan.mode in ("ram", "ssd") or quant == "4bit":  # ("ram" only on a GPU: layers copied from pinned RAM)
         dtype = store_dtype_for(quant, target_dir)
         path = store_dir_for(settings.store or cache_dir() / "stores", target_dir, dtype)
         build_store(
@@ -130,6 +135,8 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
         values["ram_budget"] = settings.ram_budget  # the placement the calibration and later runs share
     if settings.store is not None:
         values["store"] = str(settings.store)
+    if settings.device != "auto":
+        values["device"] = settings.device
     write_config(config_file(), values, drop=SETUP_KEYS)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if draft_name is not None:

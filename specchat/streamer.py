@@ -113,10 +113,14 @@ class StoreReader:
         self._verified: set[int] = set()
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="specchat-read")
 
-    def read_into(self, index: int, buffer: mmap.mmap) -> None:
+    def read_into(self, index: int, buffer, allow_direct: bool = True) -> None:
+        """Read layer ``index``'s file into ``buffer`` (any writable buffer of ``layer_bytes``; O_DIRECT
+        needs it page-aligned, so pass ``allow_direct=False`` for one that may not be)."""
         path = self.store.layer_file(index)
         start = time.perf_counter()
-        self.direct = read_file_direct(path, buffer, self.store.layer_bytes, self._pool, self.direct)
+        used = read_file_direct(path, buffer, self.store.layer_bytes, self._pool, self.direct and allow_direct)
+        if allow_direct:
+            self.direct = used  # the filesystem refused O_DIRECT: do not try again
         self.read_s += time.perf_counter() - start
         self.bytes += self.store.layer_bytes
         if index not in self._verified:

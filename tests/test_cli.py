@@ -32,7 +32,7 @@ def test_run_prints_exactly_the_greedy_reply(tiny_dirs):
     result = runner.invoke(app, base_args(tiny_dirs, "--max-new-tokens", "20", "the blue sea"))
     assert result.exit_code == 0, result.stderr
     assert result.stdout == text + "\n"
-    assert f"draft {tiny_dirs['draft']}: chosen with --draft" in result.stderr
+    assert f"draft {tiny_dirs['draft']}: as configured (--draft, SPECCHAT_DRAFT or the config file)" in result.stderr
 
 
 @pytest.mark.parametrize("method", ["specexec", "specinfer", "ar"])
@@ -106,6 +106,8 @@ BAD_INPUTS = [
     ("config-key", [], None, 'max_new_tokens = 4\ncolour = "blue"\n', "line 2: unknown key 'colour'"),
     ("config-value", [], None, 'budget = "many"\n', "bad value for budget"),
     ("config-missing", ["--config", "/nonexistent/specchat.toml"], None, None, "does not exist"),
+    ("device-unknown", ["--device", "tpu"], None, None, "--device must be one of auto, cpu, cuda"),
+    *([("device-cuda-absent", ["--device", "cuda"], None, None, "torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
 ]
 
 

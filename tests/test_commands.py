@@ -190,3 +190,32 @@ def test_a_second_setup_does_not_inherit_the_first_ones_placement(tiny_dirs, tmp
     assert "offload none: --offload ram" in second.stderr and "layer store ready" not in second.stderr
     written = tomllib.loads(config_file().read_text())
     assert written == {"model": str(tiny_dirs["draft"]), "draft": "none", "offload": "none", "quant": "16bit"}
+
+
+@pytest.mark.parametrize(
+    "vram_gb, ram_gb, disk_gb, offload",
+    [
+        (80, 16, 100, "none"),  # a 32B target in 16-bit (64 GB) fits an 80 GB GPU
+        (24, 128, 100, "ram"),  # not the GPU, but RAM: layers wait in pinned RAM
+        (24, 32, 1000, "ssd"),  # neither: streamed from the store
+    ],
+)
+def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
+    from specchat.hardware import recommend
+    from specchat.registry import load_registry
+
+    registry = load_registry()
+    registry = {n: e for n, e in registry.items() if e.params_b <= 33}  # the largest target here: a 32B
+    gb = 10**9
+    facts = {
+        "cpu": {"fp32_gflops": 100.0},
+        "ram_available": ram_gb * gb,
+        "gpus": [{"vram_free": vram_gb * gb, "pinned_h2d_gbps": 25.0}],
+        "disk_free": disk_gb * gb,
+        "disk_read_gbps": 3.0,
+    }
+    advice = recommend(facts, registry)
+    assert advice["offload"]["value"] == offload, advice
+    assert advice["target"]["value"] in ("qwen2.5-32b", "qwen2.5-coder-32b")
+    if offload != "none":  # a streamed target: a big tree, up to where compute catches up with the copy
+        assert int(advice["budget"]["value"]) >= 256

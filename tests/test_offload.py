@@ -168,3 +168,89 @@ def test_nf4_roundtrip_error_is_within_the_4bit_grid():
     absmax = weight.view(-1, 64).abs().amax(dim=1, keepdim=True)
     assert (error <= absmax * 0.17).all()  # half the widest gap between NF4 levels is ~0.15
     assert error.mean() < 0.1 * weight.abs().mean()
+
+
+# --- the host -> device ring (specchat.devicestream), run on the CPU: no pinning, no streams ---
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("bfloat16", 1e-1)])
+@pytest.mark.parametrize(
+    "on_device, in_host",
+    [(0, 0), (0, 4), (1, 1), (2, 2), (4, 0)],  # (layers kept on the device, in host RAM); the rest from the store
+)
+def test_device_ring_forward_equals_resident_forward(model_dir, tmp_path, dtype, atol, on_device, in_host):
+    store = build_store(model_dir, tmp_path / "store", dtype)
+    streamed = load_streamed(store, torch.float32, resident_layers=on_device, host_layers=in_host, copy_to_device=True)
+    source = streamed.layer_source
+    assert len(source.resident) == on_device and len(source.host) == in_host
+    assert source.from_store == list(range(on_device + in_host, 4))
+    resident = load_resident(model_dir, torch.float32).lm
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    assert torch.allclose(logits(streamed, ids), logits(resident, ids), atol=atol)
+    assert torch.equal(logits(streamed, ids), logits(streamed, ids))  # slots and staging buffers reused
+
+
+def test_device_ring_with_a_cache_and_a_tree_mask_and_ring_of_three(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float32")
+    streamed = load_streamed(store, host_layers=1, ring=3, copy_to_device=True)
+    resident = load_resident(model_dir).lm
+    for lm in (streamed, resident):
+        cache = lm.new_cache()
+        lm.forward(torch.tensor([1, 2, 3]), torch.arange(3), causal_visibility(0, 3), cache)
+        visible = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+        lm.tree_logits = lm.forward(torch.tensor([7, 8, 9]), torch.tensor([3, 4, 4]), visible, cache)
+    assert torch.allclose(streamed.tree_logits, resident.tree_logits, atol=1e-6)
+
+
+def test_device_ring_reads_only_the_store_layers_every_pass(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float16")
+    streamed = load_streamed(store, resident_layers=1, host_layers=1, copy_to_device=True)
+    logits(streamed, [1, 2])
+    requested = streamed.bytes_read()
+    for _ in range(3):
+        logits(streamed, [1, 2, 3])
+    assert streamed.bytes_read() - requested == 3 * 2 * store.layer_bytes  # 3 passes x 2 layers from the store
+    assert streamed.layer_source.resident_bytes() == store.layer_bytes  # one layer file in host RAM
+
+
+def test_device_ring_nf4_equals_the_resident_4bit_weights(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "nf4")
+    streamed = load_streamed(store, torch.float32, resident_layers=1, host_layers=1, copy_to_device=True)
+    ids = [2, 7, 1, 8, 2, 8]
+    assert torch.allclose(logits(streamed, ids), logits(nf4_reference(model_dir), ids), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode, vram_gb, ram_gb, budget_gb, expected",
+    [
+        ("auto", 40, 64, None, ("none", 10, 0)),  # 10 x 1 GB layers + 1 GB other fit a 40 GB GPU
+        # 9 GB GPU: 9 - 1 other - 2 x (1 + 0.5) ring - 1 GiB headroom = 3.9 GB: 3 layers stay on it
+        ("auto", 9, 64, None, ("ram", 3, 7)),  # the 5 GB of layer files fit in RAM
+        ("auto", 9, 4, None, ("ssd", 3, 2)),  # they do not: half the RAM keeps 2, 5 stream from the store
+        ("ssd", 9, 64, 3, ("ssd", 3, 6)),  # --ram-budget 3 GB keeps 6 layer files
+        ("ram", 40, 64, None, ("ram", 10, 0)),
+        ("ssd", 2, 64, 0, ("ssd", 0, 0)),
+    ],
+)
+def test_gpu_offload_plan(mode, vram_gb, ram_gb, budget_gb, expected):
+    from specchat.offload import plan_offload_gpu
+
+    gb = 10**9
+    plan = plan_offload_gpu(
+        mode, 10, 1 * gb, gb // 2, 1 * gb, vram_gb * gb, ram_gb * gb, None if budget_gb is None else budget_gb * gb
+    )
+    assert (plan.mode, plan.resident_layers, plan.host_layers) == expected, plan.reason
+
+
+@pytest.mark.parametrize("kept", [1, 4])
+def test_device_ring_keeps_4bit_layer_files_on_the_device(model_dir, tmp_path, kept):
+    store = build_store(model_dir, tmp_path / "store", "nf4")
+    streamed = load_streamed(store, torch.float32, resident_layers=kept, copy_to_device=True, keep_files=True)
+    source = streamed.layer_source
+    assert len(source.device_files) == kept and not source.resident
+    assert source.order == [0, 1, 2, 3]  # every layer passes through a slot, dequantised there
+    ids = [2, 7, 1, 8, 2, 8]
+    assert torch.allclose(logits(streamed, ids), logits(nf4_reference(model_dir), ids), atol=1e-4)
+    requested = streamed.bytes_read()
+    logits(streamed, ids)
+    assert streamed.bytes_read() - requested == (4 - kept) * store.layer_bytes

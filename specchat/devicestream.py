@@ -1,0 +1,284 @@
+"""Streaming decoder layers to a compute device that is not the host (a CUDA GPU).
+
+Where the layers wait between passes:
+
+  host     the layer file's bytes in page-locked ("pinned") host RAM, loaded once
+           (``--offload ram``, and the layers ``--ram-budget`` keeps in ssd mode);
+  store    read from the layer store on every pass into one of a ring of pinned
+           *staging* buffers (``--offload ssd``), with direct I/O as on the CPU path;
+  device   a copy that stays on the GPU (the layers that fit the free VRAM): a ready
+           module for a 16-bit store; for a 4-bit store the layer *file* (packed
+           NF4 bytes), dequantised into a slot on every pass, so that 4-bit layers
+           take 4-bit room on the GPU.
+
+Every pass, each non-resident layer goes host -> device through a ring of
+``ring`` device *slots*.  A slot is a uint8 device buffer of one layer file plus
+a decoder-layer module whose parameters are filled from it (a plain copy for a
+16-bit store, NF4 dequantisation on the GPU for a 4-bit one).  On CUDA the copy
+and the fill run on a side stream, ordered by events, so that layer q+1's copy
+overlaps layer q's compute:
+
+  side stream     wait free[s] -> H2D copy into buffer s -> fill module s -> record ready[s]
+  compute stream  wait ready[s] -> run layer in module s -> record free[s]
+
+A staging buffer is refilled from the store only once the copy out of it has
+finished (``staged[b]``, awaited by the reader thread).  The same code runs with
+``device="cpu"`` -- no pinning, no streams, synchronous copies -- which is how
+the tests exercise the ring and the ordering on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .quant4 import absmax_count, absmax_offset, dequantize_nf4, packed_bytes
+from .store import Store, TensorSlot, _DTYPES
+from .streamer import StoreReader, _set_layer_index
+
+PAGE = 4096  # O_DIRECT needs page-aligned memory; a misaligned buffer is read without it
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """(nbytes,) uint8 in host RAM, page-locked when ``pin`` (fast, asynchronous H2D copies)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+def tensor_views(buffer: torch.Tensor, layout: tuple[TensorSlot, ...]) -> list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """The stored tensors inside a (layer_bytes,) uint8 buffer on any device, without copying.
+
+    16-bit slot -> (shape) tensor; NF4 slot -> ((n/2,) uint8 packed, (n/64,) float32 absmax).
+    Store offsets are 4 KiB-aligned, so every dtype view is aligned too.
+    """
+    views = []
+    for slot in layout:
+        if slot.dtype == "nf4":
+            packed = buffer[slot.offset : slot.offset + packed_bytes(slot.shape)]
+            start = slot.offset + absmax_offset(slot.shape)
+            absmax = buffer[start : start + 4 * absmax_count(slot.shape)].view(torch.float32)
+            views.append((packed, absmax))
+        else:
+            views.append(buffer[slot.offset : slot.offset + slot.nbytes].view(_DTYPES[slot.dtype]).view(slot.shape))
+    return views
+
+
+def fill_params(params: list[nn.Parameter], views) -> None:
+    """Write one layer's stored tensors (on the parameters' device) into its module's parameters."""
+    with torch.no_grad():
+        for param, stored in zip(params, views):
+            if isinstance(stored, tuple):
+                param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+            else:
+                param.copy_(stored)
+
+
+class DeviceSlot:
+    """A device buffer for one layer file and a module whose parameters are filled from it."""
+
+    def __init__(self, module: nn.Module, store: Store, device: torch.device) -> None:
+        self.module = module
+        named = dict(module.named_parameters())
+        self.params = [named[s.name] for s in store.layout]
+        self.buffer = torch.empty(store.layer_bytes, dtype=torch.uint8, device=device)
+        self.views = tensor_views(self.buffer, store.layout)
+
+
+class _Sync:
+    """Streams and events on CUDA; the same calls do nothing on a CPU device."""
+
+    def __init__(self, device: torch.device, slots: int, staging: int) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.side = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(slots)]
+            self.free = [torch.cuda.Event() for _ in range(slots)]
+            self.staged = [torch.cuda.Event() for _ in range(staging)]
+
+    def side_stream(self):
+        return torch.cuda.stream(self.side) if self.cuda else _NoStream()
+
+    def wait_slot_free(self, s: int) -> None:  # on the side stream
+        if self.cuda:
+            self.side.wait_event(self.free[s])
+
+    def slot_ready(self, s: int) -> None:  # on the side stream
+        if self.cuda:
+            self.ready[s].record(self.side)
+
+    def staging_copied(self, b: int) -> None:  # on the side stream
+        if self.cuda:
+            self.staged[b].record(self.side)
+
+    def wait_staging_copied(self, b: int) -> None:  # on the reader thread: block until the H2D copy is done
+        if self.cuda:
+            self.staged[b].synchronize()
+
+    def compute_waits_ready(self, s: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.ready[s])
+
+    def compute_done_with(self, s: int) -> None:
+        if self.cuda:
+            self.free[s].record(torch.cuda.current_stream())
+
+
+class _NoStream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class DeviceStreamedLayers:
+    """A :class:`~specchat.lm.LayerSource` whose layers are copied to ``device`` on every pass.
+
+    ``host``: layer indices kept in (pinned) host RAM; ``device_resident``: kept on the device
+    as modules; ``device_files``: kept on the device as layer files (4-bit), filled into a slot
+    every pass; every other layer is read from the store on every pass.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        make_layer,  # (layer index) -> nn.Module in the compute dtype on ``device``, uninitialised
+        device: torch.device | str,
+        host: set[int] = frozenset(),
+        device_resident: set[int] = frozenset(),
+        device_files: set[int] = frozenset(),
+        ring: int = 2,
+        direct: bool = True,
+    ) -> None:
+        self.store = store
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self.reader = StoreReader(store, direct)
+        streamed = [i for i in range(store.num_layers) if i not in device_resident]
+        self.order = streamed  # stream position q -> layer index
+        self.from_store = [i for i in streamed if i not in host and i not in device_files]
+        n_slots = min(ring, max(len(streamed), 1))
+        n_staging = min(ring, max(len(self.from_store), 1)) if self.from_store else 0
+        self.staging = [host_buffer(store.layer_bytes, pin) for _ in range(n_staging)]
+        self.sync = _Sync(self.device, n_slots, n_staging)
+        scratch = host_buffer(store.layer_bytes, pin)
+        self.host: dict[int, torch.Tensor] = {}
+        for index in sorted(host):
+            self.host[index] = host_buffer(store.layer_bytes, pin)
+            self._read(index, self.host[index])
+        self.resident: dict[int, nn.Module] = {}
+        for index in sorted(device_resident):  # filled once, through a temporary slot
+            slot = DeviceSlot(make_layer(index), store, self.device)
+            self._read(index, scratch)
+            slot.buffer.copy_(scratch)
+            fill_params(slot.params, slot.views)
+            slot.buffer = slot.views = None  # the module keeps its own parameters
+            self.resident[index] = slot.module
+        self.device_files: dict[int, list] = {}  # layer index -> views of its file on the device
+        self._device_buffers = []
+        for index in sorted(device_files):
+            self._read(index, scratch)
+            buffer = scratch.to(self.device, copy=True)  # its own copy, also when the device is the CPU
+            self._device_buffers.append(buffer)
+            self.device_files[index] = tensor_views(buffer, store.layout)
+        del scratch
+        self.slots = [DeviceSlot(make_layer(0), store, self.device) for _ in range(n_slots)]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specchat-read")
+        self.copy_s = 0.0  # host seconds spent enqueueing copies (CPU: doing them)
+
+    def _read(self, index: int, buffer: torch.Tensor) -> None:
+        """Read layer ``index``'s file into a host buffer (O_DIRECT only if the buffer is page-aligned)."""
+        self.reader.read_into(index, buffer.numpy(), allow_direct=buffer.data_ptr() % PAGE == 0)
+
+    def layers(self) -> Iterator[nn.Module]:
+        """Yield every decoder layer in order; the next ones are copied (and read) ahead."""
+        order, store_order = self.order, self.from_store
+        store_position = {index: k for k, index in enumerate(store_order)}
+        n_slots, n_staging = len(self.slots), len(self.staging)
+        reads: dict[int, Future] = {}  # store position -> read into staging[k % n_staging]
+
+        def read(k: int) -> None:
+            b = k % n_staging
+            self.sync.wait_staging_copied(b)  # the previous copy out of this buffer has finished
+            self._read(store_order[k], self.staging[b])
+
+        def enqueue(q: int) -> None:
+            """Start copying stream position q's layer into slot q % n_slots (on the side stream)."""
+            index, s = order[q], q % n_slots
+            k = store_position.get(index)
+            if k is not None:
+                reads.pop(k).result()
+            start = time.perf_counter()
+            slot = self.slots[s]
+            with self.sync.side_stream():
+                self.sync.wait_slot_free(s)
+                if index in self.device_files:  # already on the device: dequantise straight from it
+                    fill_params(slot.params, self.device_files[index])
+                else:
+                    source = self.host[index] if k is None else self.staging[k % n_staging]
+                    slot.buffer.copy_(source, non_blocking=self.sync.cuda)  # (layer_bytes,) uint8 host -> device
+                    if k is not None:
+                        self.sync.staging_copied(k % n_staging)
+                    fill_params(slot.params, slot.views)
+                self.sync.slot_ready(s)
+            self.copy_s += time.perf_counter() - start
+            if k is not None and k + n_staging < len(store_order):  # this staging buffer's next read
+                reads[k + n_staging] = self._io.submit(read, k + n_staging)
+
+        for k in range(min(n_staging, len(store_order))):
+            reads[k] = self._io.submit(read, k)
+        enqueued = 0
+        for q in range(min(n_slots, len(order))):
+            enqueue(q)
+            enqueued += 1
+        position = 0
+        try:
+            for index in range(self.store.num_layers):
+                if index in self.resident:
+                    _set_layer_index(self.resident[index], index)
+                    yield self.resident[index]
+                    continue
+                s = position % n_slots
+                self.sync.compute_waits_ready(s)
+                module = self.slots[s].module
+                _set_layer_index(module, index)
+                yield module
+                # The caller has launched this layer's work: the slot is free once that work is done.
+                self.sync.compute_done_with(s)
+                if enqueued < len(order):
+                    enqueue(enqueued)
+                    enqueued += 1
+                position += 1
+        finally:
+            for future in list(reads.values()):  # an interrupted pass: let the reads finish
+                future.exception()
+
+    def bytes_read(self) -> int:
+        return self.reader.bytes
+
+    def read_counters(self) -> tuple[int, float]:
+        return self.reader.bytes, self.reader.read_s
+
+    def measure_stream_bandwidth(self) -> float | None:
+        """Bytes/s of reading every store-streamed layer once, alone (None when none streams from the store)."""
+        if not self.from_store:
+            return None
+        scratch = self.staging[0]
+        start = time.perf_counter()
+        for index in self.from_store:
+            self._read(index, scratch)
+        return len(self.from_store) * self.store.layer_bytes / (time.perf_counter() - start)
+
+    def resident_bytes(self) -> int:
+        """Host RAM held by layers between passes (pinned host copies)."""
+        return sum(buffer.numel() for buffer in self.host.values())
+
+    def device_bytes(self) -> int:
+        """Device memory held by layers: resident modules plus the slots' buffers and modules."""
+        modules = list(self.resident.values()) + [slot.module for slot in self.slots]
+        params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        files = sum(buffer.numel() for buffer in self._device_buffers)
+        return params + files + sum(slot.buffer.numel() for slot in self.slots)
