@@ -29,7 +29,9 @@ the tests exercise the ring and the ordering on a machine without a GPU.
 
 from __future__ import annotations
 
+import mmap
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -43,9 +45,30 @@ from .streamer import StoreReader, _set_layer_index
 PAGE = 4096  # O_DIRECT needs page-aligned memory; a misaligned buffer is read without it
 
 
-def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """(nbytes,) uint8 in host RAM, page-locked when ``pin`` (fast, asynchronous H2D copies)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+def host_buffer(nbytes: int, pin: bool, registered: list[int] | None = None) -> torch.Tensor:
+    """(nbytes,) uint8 in host RAM, page-aligned (for O_DIRECT), page-locked when ``pin``.
+
+    Pinning registers an exact-size anonymous mapping with cudaHostRegister (its address is
+    appended to ``registered``, for :func:`unregister`): torch's pinned allocator would round
+    every layer up to a power of two (up to 2x the RAM).  If the registration fails, torch's
+    pinned allocator is the fallback.  The tensor keeps its mapping alive.
+    """
+    mapping = mmap.mmap(-1, nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer" does not apply to an anonymous mapping
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    if pin:
+        if torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) != 0:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if registered is not None:
+            registered.append(tensor.data_ptr())
+    return tensor
+
+
+def unregister(registered: list[int]) -> None:
+    """Undo the cudaHostRegister calls of :func:`host_buffer` (before the mappings go away)."""
+    while registered:
+        torch.cuda.cudart().cudaHostUnregister(registered.pop())
 
 
 def tensor_views(buffer: torch.Tensor, layout: tuple[TensorSlot, ...]) -> list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
@@ -162,12 +185,13 @@ class DeviceStreamedLayers:
         self.from_store = [i for i in streamed if i not in host and i not in device_files]
         n_slots = min(ring, max(len(streamed), 1))
         n_staging = min(ring, max(len(self.from_store), 1)) if self.from_store else 0
-        self.staging = [host_buffer(store.layer_bytes, pin) for _ in range(n_staging)]
+        self._registered: list[int] = []  # host buffers registered with CUDA (unregistered in __del__)
+        self.staging = [host_buffer(store.layer_bytes, pin, self._registered) for _ in range(n_staging)]
         self.sync = _Sync(self.device, n_slots, n_staging)
-        scratch = host_buffer(store.layer_bytes, pin)
+        scratch = host_buffer(store.layer_bytes, False)
         self.host: dict[int, torch.Tensor] = {}
         for index in sorted(host):
-            self.host[index] = host_buffer(store.layer_bytes, pin)
+            self.host[index] = host_buffer(store.layer_bytes, pin, self._registered)
             self._read(index, self.host[index])
         self.resident: dict[int, nn.Module] = {}
         for index in sorted(device_resident):  # filled once, through a temporary slot
@@ -256,6 +280,12 @@ class DeviceStreamedLayers:
             for future in list(reads.values()):  # an interrupted pass: let the reads finish
                 future.exception()
 
+    def __del__(self) -> None:
+        if getattr(self, "_registered", None):
+            if self.sync.cuda:
+                torch.cuda.synchronize(self.device)  # no copy may still read a buffer being unpinned
+            unregister(self._registered)
+
     def bytes_read(self) -> int:
         return self.reader.bytes
 
@@ -267,6 +297,7 @@ class DeviceStreamedLayers:
         if not self.from_store:
             return None
         scratch = self.staging[0]
+        self.sync.wait_staging_copied(0)  # a copy out of it may still be in flight
         start = time.perf_counter()
         for index in self.from_store:
             self._read(index, scratch)
