@@ -14,8 +14,12 @@ Reported per store and mode: bytes copied per pass, pass time for tree sizes
 bandwidth (goal >= 0.8).  ``--check`` first compares streamed and resident
 logits on a small model on the same device (they must agree).
 
-  python benchmarks/gpu_stream.py --work /tmp/gpu-bench              # on the GPU machine
-  python benchmarks/gpu_stream.py --shape tiny --device cpu --check  # a smoke run anywhere
+  PYTHONPATH=. python benchmarks/gpu_stream.py --check --stores bfloat16 --work /tmp/gpu-bench  # on the GPU
+  PYTHONPATH=. python benchmarks/gpu_stream.py --stores nf4 --work /tmp/gpu-bench     # (needs bitsandbytes)
+  PYTHONPATH=. python benchmarks/gpu_stream.py --shape tiny --device cpu --check      # a smoke run anywhere
+
+For the 8B shape each store is a separate call (each stage takes minutes; a command
+may run 10): the work directory is reused, so the model is written only once.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ SHAPES = {
 
 
 def write_random_llama(path: Path, shape: str, seed: int = 0) -> Path:
-    """A safetensors Llama directory with random bf16 weights, one shard per layer (no full model in RAM)."""
+    """A safetensors Llama directory with random bf16 weights, one shard per layer, each written
+    as soon as it is generated (at most one layer -- or the embeddings and head -- in RAM)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,19 +59,27 @@ def write_random_llama(path: Path, shape: str, seed: int = 0) -> Path:
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(seed)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
+    index: dict[str, str] = {}
+    pending: dict[str, torch.Tensor] = {}
+    shard = None
+
+    def flush() -> None:  # one shard per layer, written as soon as it is complete
+        if pending:
+            file = f"model-{len(set(index.values())):03d}-{shard}.safetensors"
+            save_file(pending, str(path / file), metadata={"format": "pt"})
+            index.update({name: file for name in pending})
+            pending.clear()
+
     for name, param in skeleton.state_dict().items():
-        shard = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        this = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        if this != shard:
+            flush()
+            shard = this
         if name.endswith("norm.weight"):
-            tensor = torch.ones(param.shape, dtype=torch.bfloat16)
+            pending[name] = torch.ones(param.shape, dtype=torch.bfloat16)
         else:
-            tensor = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        shards.setdefault(shard, {})[name] = tensor
-    index = {}
-    for shard, tensors in shards.items():
-        file = f"model-{shard}.safetensors"
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        index.update({name: file for name in tensors})
+            pending[name] = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
+    flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     config.save_pretrained(path)
     return path

@@ -139,6 +139,7 @@ def run_bench(
                 auto_budget=budget == AUTO,
                 max_depth=base.max_depth,
                 draft_batch=base.draft_batch,
+                auto_width=base.auto_width,
                 temperature=temperature,
                 top_p=bench.top_p if temperature > 0 else 1.0,
                 seed=bench.seed + index,

@@ -155,7 +155,7 @@ def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
     return {
         "target": settings.model, "draft": settings.draft, "quant": settings.quant, "draft_quant": settings.draft_quant,
         "offload": settings.offload, "ram_budget": settings.ram_budget, "max_depth": settings.max_depth,
-        "draft_batch": settings.draft_batch, "prompts": len(bench.prompts), "prompts_sha256": prompts,
+        "draft_batch": settings.draft_batch if settings.draft_batch is not None else "auto", "prompts": len(bench.prompts), "prompts_sha256": prompts,
         "max_new_tokens": bench.max_new_tokens, "top_p": bench.top_p, "seed": bench.seed,
     }
 

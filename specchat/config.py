@@ -20,7 +20,8 @@ from .errors import ConfigError
 QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
-DEVICES = ("auto", "cpu", "cuda")  # auto: the first CUDA GPU torch sees, else the CPU
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DRAFT_BATCH = 8  # draft step width without calibrated costs (or when --draft-batch is fixed)  # auto: the first CUDA GPU torch sees, else the CPU
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -52,7 +53,7 @@ class RunConfig:
     method: str = "specexec"
     budget: int | None = None  # tree nodes per target pass; None = auto (tuned from measurements)
     max_depth: int = 32
-    draft_batch: int = 8
+    draft_batch: int | None = None  # nodes per draft step; None = auto (chosen per step from calibrated costs, else 8)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -79,7 +80,8 @@ class RunConfig:
             budget=self.budget if self.budget is not None else 64,
             auto_budget=self.budget is None,
             max_depth=self.max_depth,
-            draft_batch=self.draft_batch,
+            draft_batch=self.draft_batch if self.draft_batch is not None else DEFAULT_DRAFT_BATCH,
+            auto_width=self.draft_batch is None,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
@@ -105,7 +107,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return value if isinstance(value, int) else parse_size(value)
         if name == "store":
             return Path(value).expanduser()
-        if name == "budget" and str(value).strip().lower() == "auto":
+        if name in ("budget", "draft_batch") and str(value).strip().lower() == "auto":
             return None
         if "int" in kind and "float" not in kind:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

@@ -58,11 +58,32 @@ def host_buffer(nbytes: int, pin: bool, registered: list[int] | None = None) -> 
         warnings.simplefilter("ignore")  # "non-writable buffer" does not apply to an anonymous mapping
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     if pin:
-        if torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) != 0:
+        if not _register(tensor.data_ptr(), nbytes):
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         if registered is not None:
             registered.append(tensor.data_ptr())
     return tensor
+
+
+_REGISTER_WORKS: bool | None = None  # cudaHostRegister refused once (e.g. WSL): never try again
+
+
+def _register(pointer: int, nbytes: int) -> bool:
+    global _REGISTER_WORKS
+    if _REGISTER_WORKS is False:
+        return False
+    if torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0) == 0:
+        _REGISTER_WORKS = True
+        return True
+    _REGISTER_WORKS = False
+    # The failure stays CUDA's "last error" until read, and torch's next launch check would
+    # report it as its own: launch a trivial kernel, whose check reads (and clears) it.
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass
+    return False
 
 
 def unregister(registered: list[int]) -> None:
@@ -90,11 +111,17 @@ def tensor_views(buffer: torch.Tensor, layout: tuple[TensorSlot, ...]) -> list[t
 
 
 def fill_params(params: list[nn.Parameter], views) -> None:
-    """Write one layer's stored tensors (on the parameters' device) into its module's parameters."""
+    """Write one layer's stored tensors (on the parameters' device) into its module's parameters.
+
+    NF4 on a GPU is dequantised straight into the parameter; on a CPU bitsandbytes writes
+    16-bit fastest, so it goes through a 16-bit temporary."""
     with torch.no_grad():
         for param, stored in zip(params, views):
             if isinstance(stored, tuple):
-                param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+                if param.device.type == "cuda":
+                    dequantize_nf4(*stored, tuple(param.shape), out=param.data)
+                else:
+                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
             else:
                 param.copy_(stored)
 
@@ -121,6 +148,12 @@ class _Sync:
             self.free = [torch.cuda.Event() for _ in range(slots)]
             self.staged = [torch.cuda.Event() for _ in range(staging)]
 
+    def start_pass(self, device: torch.device) -> None:
+        """The side stream runs after everything launched so far (the slots' set-up, and the
+        layer of an interrupted pass whose ``free`` event was never recorded)."""
+        if self.cuda:
+            self.side.wait_stream(torch.cuda.current_stream(device))
+
     def side_stream(self):
         return torch.cuda.stream(self.side) if self.cuda else _NoStream()
 
@@ -140,13 +173,13 @@ class _Sync:
         if self.cuda:
             self.staged[b].synchronize()
 
-    def compute_waits_ready(self, s: int) -> None:
+    def compute_waits_ready(self, s: int, device: torch.device) -> None:
         if self.cuda:
-            torch.cuda.current_stream().wait_event(self.ready[s])
+            torch.cuda.current_stream(device).wait_event(self.ready[s])
 
-    def compute_done_with(self, s: int) -> None:
+    def compute_done_with(self, s: int, device: torch.device) -> None:
         if self.cuda:
-            self.free[s].record(torch.cuda.current_stream())
+            self.free[s].record(torch.cuda.current_stream(device))
 
 
 class _NoStream:
@@ -252,6 +285,7 @@ class DeviceStreamedLayers:
             if k is not None and k + n_staging < len(store_order):  # this staging buffer's next read
                 reads[k + n_staging] = self._io.submit(read, k + n_staging)
 
+        self.sync.start_pass(self.device)
         for k in range(min(n_staging, len(store_order))):
             reads[k] = self._io.submit(read, k)
         enqueued = 0
@@ -266,12 +300,12 @@ class DeviceStreamedLayers:
                     yield self.resident[index]
                     continue
                 s = position % n_slots
-                self.sync.compute_waits_ready(s)
+                self.sync.compute_waits_ready(s, self.device)
                 module = self.slots[s].module
                 _set_layer_index(module, index)
                 yield module
                 # The caller has launched this layer's work: the slot is free once that work is done.
-                self.sync.compute_done_with(s)
+                self.sync.compute_done_with(s, self.device)
                 if enqueued < len(order):
                     enqueue(enqueued)
                     enqueued += 1
@@ -281,10 +315,13 @@ class DeviceStreamedLayers:
                 future.exception()
 
     def __del__(self) -> None:
-        if getattr(self, "_registered", None):
-            if self.sync.cuda:
-                torch.cuda.synchronize(self.device)  # no copy may still read a buffer being unpinned
+        if not getattr(self, "_registered", None):
+            return
+        try:
+            torch.cuda.synchronize(self.device)  # no copy may still read a buffer being unpinned
             unregister(self._registered)
+        except Exception:  # interpreter shutdown, or a CUDA context already gone: nothing left to undo
+            pass
 
     def bytes_read(self) -> int:
         return self.reader.bytes

@@ -27,7 +27,7 @@ import torch
 
 from .events import DoneEvent, Event, GenerationStats, TextEvent
 from .calibrate import measure_calibration
-from .costmodel import Calibration, CostModelTuner
+from .costmodel import Calibration, CostModelTuner, interpolate
 from .growth import GrowthParams, grow_specexec, grow_specinfer
 from .iostats import disk_read_bytes
 from .lm import LanguageModel, causal_visibility
@@ -36,6 +36,7 @@ from .textstream import TextStream
 from .verify import target_tree_logits, walk_specexec, walk_specinfer
 
 METHODS = ("specexec", "specinfer", "ar")
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # draft step widths auto width chooses from
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward, to bound activation memory
 
 
@@ -49,6 +50,7 @@ class GenerationConfig:
     budget: int = 64  # tree nodes per target pass (SpecExec K), root excluded
     max_depth: int = 32
     draft_batch: int = 16  # nodes expanded per draft forward
+    auto_width: bool = False  # SpecExec: each draft step picks its width from the calibrated step costs
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -97,6 +99,7 @@ class Engine:
         # Running costs (seconds) that SpecExec's adaptive stop weighs; None until measured.
         self._draft_step_s: float | None = None
         self._target_pass_s: dict[int, float] = {}  # by budget
+        self._draft_scale = 1.0  # measured / calibrated draft seconds (auto width)
         # --budget auto: measured costs (set by the pipeline, or measured on first use) and a tuner per (method, greedy)
         self.calibration: Calibration | None = None
         self.tuners: dict[tuple[str, bool], CostModelTuner] = {}
@@ -195,13 +198,15 @@ class Engine:
             return [token], 0, 0.0, time.perf_counter() - started
 
         started = time.perf_counter()
+        predicted_s = 0.0
         if config.method == "specexec":
             growth = replace(
                 config.growth,
                 draft_step_s=self._draft_step_s,
                 target_pass_s=self._target_pass_s.get(config.budget),
+                width_costs=self._width_costs(config),
             ) if config.adaptive else config.growth
-            tree, self.last_draft_forwards = grow_specexec(self.draft, self.draft_cache, self.tokens, growth, sampling)
+            tree, self.last_draft_forwards, predicted_s = grow_specexec(self.draft, self.draft_cache, self.tokens, growth, sampling)
             walk = walk_specexec
         else:
             tree, self.last_draft_forwards = grow_specinfer(
@@ -210,6 +215,8 @@ class Engine:
             walk = walk_specinfer
         draft_s = time.perf_counter() - started
         self._draft_step_s = _running_mean(self._draft_step_s, draft_s / max(self.last_draft_forwards, 1))
+        if predicted_s > 0:
+            self._draft_scale = _running_mean(self._draft_scale, draft_s / predicted_s)
 
         started = time.perf_counter()
         prefix = self.target_cache.length  # = len(tokens) - 1
@@ -224,6 +231,15 @@ class Engine:
         self._target_pass_s[config.budget] = _running_mean(self._target_pass_s.get(config.budget), target_s)
         new = tree.tokens[torch.tensor(accepted, dtype=torch.long)].tolist() + [drawn]
         return new, tree.size - 1, draft_s, target_s
+
+    def _width_costs(self, config: GenerationConfig) -> tuple[tuple[int, float], ...]:
+        """(width, predicted seconds of a draft forward over that many nodes) for auto width: the
+        calibrated step times, interpolated and rescaled by what this session's passes measured."""
+        table = self.calibration.draft_step_s if self.calibration is not None else {}
+        if not (config.auto_width and table):
+            return ()
+        widths = [w for w in WIDTHS if w <= max(config.budget, 1)]
+        return tuple((w, self._draft_scale * interpolate(table, w)) for w in widths)
 
     # -- bookkeeping --------------------------------------------------------------------
     def _trim(self, drawn: list[int], room: int) -> tuple[list[int], str]:

@@ -4,7 +4,10 @@ SpecExec (arXiv 2406.02532, Sec. 3.2, Alg. 1 "parallel Dijkstra"): a node's
 score is the draft's cumulative log-probability of the path to it.  Each step
 takes the best ``batch`` nodes not yet expanded, runs one batched draft forward
 over them, and offers all their children; the tree is the ``budget`` best
-nodes found.  Since a child never scores above its parent, the best-``budget``
+nodes found.  With calibrated step costs per width (``--draft-batch auto``),
+each step picks the width with the most frontier probability per second
+(:func:`choose_width`), and every step must pay for itself
+(:meth:`GrowthParams.step_pays_off`).  Since a child never scores above its parent, the best-``budget``
 set (ties broken by insertion order) is ancestor-closed, i.e. a tree.
 
 SpecInfer (arXiv 2305.09781, Sec. 3): the tree is *sampled* from the draft.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -36,18 +40,50 @@ class GrowthParams:
     # Measured costs (seconds) for the adaptive stop; None until the engine has timed a pass.
     draft_step_s: float | None = None
     target_pass_s: float | None = None
+    # ((width, seconds of one draft forward over that many nodes), ...) ascending: when given,
+    # each step picks its own width (:func:`choose_width`) instead of ``batch``.
+    width_costs: tuple[tuple[int, float], ...] = ()
 
-    def step_pays_off(self, frontier_mass: float, expected_tokens: float, steps_done: int) -> bool:
+    def step_pays_off(self, frontier_mass: float, expected_tokens: float, draft_spent_s: float, step_s: float | None) -> bool:
         """Is one more draft step worth its time?
 
-        Throughput is E / (T_target + n * t_step).  A step over nodes of total
-        path probability m adds at most m expected tokens, so it pays off while
-        m / E > t_step / (T_target + n * t_step).
+        Throughput is E / (T_target + D), D the draft time spent so far.  A step of
+        t seconds over nodes of total path probability m adds at most m expected
+        tokens, so it pays off while (E + m) / (T + D + t) > E / (T + D), i.e.
+        m * (T + D) > E * t.
         """
-        if self.draft_step_s is None or self.target_pass_s is None:
+        if step_s is None or self.target_pass_s is None:
             return True
-        spent = self.target_pass_s + steps_done * self.draft_step_s
-        return frontier_mass * spent > expected_tokens * self.draft_step_s
+        return frontier_mass * (self.target_pass_s + draft_spent_s) > expected_tokens * step_s
+
+
+def choose_width(frontier_probs: list[float], width_costs: tuple[tuple[int, float], ...]) -> tuple[int, float]:
+    """(width, its step seconds) with the most frontier mass per second of draft time.
+
+    ``frontier_probs``: path probabilities of the expandable nodes, best first.  A step
+    over the best w of them adds at most sum(p[:w]) expected tokens for cost(w) seconds;
+    where a forward over more nodes costs little more (a GPU, a memory-bound draft) the
+    widest step wins, where cost grows with w (a compute-bound CPU) a narrow one does.
+    """
+    cumulative, total = [], 0.0
+    for p in frontier_probs:
+        total += p
+        cumulative.append(total)
+    best = None
+    for width, seconds in width_costs:
+        usable = min(width, len(frontier_probs))
+        value = cumulative[usable - 1] / max(seconds, 1e-12)
+        if best is None or value > best[0]:
+            best = (value, usable, seconds)
+        if width >= len(frontier_probs):
+            break  # wider steps expand the same nodes at a higher cost
+    return best[1], best[2]
+
+
+class Growth(NamedTuple):
+    tree: Tree
+    draft_forwards: int
+    predicted_s: float = 0.0  # the calibrated seconds of the steps taken (auto width), for the engine's scale
 
 
 def grow_specexec(
@@ -56,10 +92,13 @@ def grow_specexec(
     committed: list[int],
     growth: GrowthParams,
     sampling: SamplingParams,
-) -> tuple[Tree, int]:
-    """Best-first tree of ``growth.budget`` nodes; returns (tree, draft forwards)."""
+) -> Growth:
+    """Best-first tree of ``growth.budget`` nodes, with its draft forwards (and their calibrated seconds)."""
     builder = TreeBuilder(draft, cache, committed)
     budget = growth.budget
+    # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
+    root_s = growth.width_costs[0][1] if growth.width_costs else (growth.draft_step_s or 0.0)
+    spent_s, predicted_s = root_s, (root_s if growth.width_costs else 0.0)
     scores = draft_log_scores(builder.expand_root(), sampling)  # (1, V)
     _offer_children(builder, [0], scores, budget, threshold=-math.inf)
     while builder.draft_forwards < growth.max_steps:
@@ -74,15 +113,21 @@ def grow_specexec(
         if not frontier:
             break
         frontier.sort(key=lambda n: (-builder.scores[n], n))
-        nodes = frontier[: growth.batch]
+        if growth.width_costs:
+            width, step_s = choose_width([math.exp(builder.scores[n]) for n in frontier], growth.width_costs)
+        else:
+            width, step_s = growth.batch, growth.draft_step_s
+        nodes = frontier[:width]
         kept = _best_nodes(builder.scores, budget)[1:]
         expected = 1.0 + sum(math.exp(builder.scores[n]) for n in kept)  # draft's estimate of tokens per pass
         mass = sum(math.exp(builder.scores[n]) for n in nodes)
-        if not growth.step_pays_off(mass, expected, builder.draft_forwards):
+        if not growth.step_pays_off(mass, expected, spent_s, step_s):
             break
         scores = draft_log_scores(builder.expand(nodes), sampling)  # (B, V)
         _offer_children(builder, nodes, scores, budget, threshold)
-    return builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards
+        spent_s += step_s or 0.0
+        predicted_s += step_s if growth.width_costs else 0.0
+    return Growth(builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards, predicted_s)
 
 
 def _offer_children(

@@ -160,6 +160,8 @@ def load_streamed(
         raise CorruptModel(f"layer store {store.path} lacks {sorted(missing)[0]}", f"delete {store.path} and rebuild")
     skeleton.load_state_dict(weights, strict=False, assign=True)
     skeleton.model.rotary_emb = rotary_class(config=config)
+    if getattr(config, "tie_word_embeddings", False):  # one Parameter, so that .to(device) keeps one copy
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
     skeleton.to(device).eval()
     on_cpu = device.type == "cpu"
     if on_cpu:
@@ -168,7 +170,7 @@ def load_streamed(
     def make_layer(index: int) -> nn.Module:
         with torch.device("meta"):
             layer = layer_class(config, index)
-        layer = layer.to_empty(device=device).to(compute_dtype).eval()
+        layer = layer.to(compute_dtype).to_empty(device=device).eval()  # no float32 transient
         return use_weight_left_linears(layer) if on_cpu else layer
 
     if not copy_to_device:

@@ -349,9 +349,10 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
 
     return (
         f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} "
-        f"device={pipeline.device.type} offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
+        f"{'' if pipeline.device.type == 'cpu' else f'device={pipeline.device.type} '}"
+        f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
         f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "
-        f"draft={pipeline.draft_name} {config.draft_quant} batch={config.draft_batch} depth={config.max_depth} "
+        f"draft={pipeline.draft_name} {config.draft_quant} batch={config.generation().draft_batch} depth={config.max_depth} "
         f"threads={torch.get_num_threads()} specchat={__version__}"
     )
 
@@ -370,7 +371,8 @@ def ensure_calibration(pipeline: Pipeline, config: RunConfig, progress: Progress
     if calibration is None:
         progress("measuring pass times for --budget auto (once for these settings; `specchat setup` does it too)")
         engine = pipeline.engine
-        calibration = measure_calibration(engine.target, engine.draft, config.max_depth, config.draft_batch, progress=progress)
+        growth_width = config.generation().draft_batch  # growth is timed at the fixed width; auto width rescales online
+        calibration = measure_calibration(engine.target, engine.draft, config.max_depth, growth_width, progress=progress)
         save_calibration(calibration_file(), key, calibration)
         progress(f"calibration saved to {calibration_file()}")
     pipeline.engine.calibration = calibration

@@ -63,24 +63,27 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.view(-1), state.absmax.float().view(-1)
 
 
-_CODE: torch.Tensor | None = None
+_CODES: dict[torch.device, torch.Tensor] = {}  # the NF4 code book per device (a copy per call would sync)
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The (shape) weight in :data:`DEQUANT_DTYPE` from its packed bytes and block absmax."""
-    global _CODE
+def dequantize_nf4(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The (shape) weight from its packed bytes and block absmax: in :data:`DEQUANT_DTYPE`, or
+    written straight into ``out`` (its dtype) when given -- on a GPU, the parameter itself."""
     functional = _bnb()
-    if _CODE is None:
-        _CODE = functional.get_4bit_type("nf4", device="cpu")
+    device = packed.device
+    if device not in _CODES:
+        _CODES[device] = functional.get_4bit_type("nf4", device="cpu").to(device)
     state = functional.QuantState(
-        absmax=absmax.to(packed.device),
+        absmax=absmax.to(device),
         shape=torch.Size(shape),
-        code=_CODE.to(packed.device),
+        code=_CODES[device],
         blocksize=BLOCK,
         quant_type="nf4",
-        dtype=DEQUANT_DTYPE,
+        dtype=out.dtype if out is not None else DEQUANT_DTYPE,
     )
-    return functional.dequantize_4bit(packed.view(-1, 1), state)
+    return functional.dequantize_4bit(packed.view(-1, 1), state, out=out)
 
 
 def roundtrip_nf4(weight: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,33 @@ def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
     tuner = engine.tuners[("specexec", True)]
     assert tuner.current in CANDIDATES
     assert {e.tree_size for e in events[:-1]} <= set(CANDIDATES)
+
+
+@pytest.mark.parametrize("draft_seed", [0, 100])  # draft = target (all accepted), an unrelated draft (almost none)
+@pytest.mark.parametrize("steps", ["flat", "linear"])  # a GPU-like and a CPU-like draft step cost
+def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_seed, steps, monkeypatch):
+    from specchat import growth as growth_module
+
+    step_s = {1: 0.01, 8: 0.01, 32: 0.01} if steps == "flat" else {1: 0.01, 8: 0.08, 32: 0.32}
+    target, draft = tiny_lm(0), tiny_lm(draft_seed)
+    engine = Engine(target, draft, CharTokenizer(), [])
+    engine.calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, step_s)
+    chosen = []
+    original = growth_module.choose_width
+
+    def spy(probs, costs):
+        width = original(probs, costs)
+        chosen.append(width[0])
+        return width
+
+    monkeypatch.setattr(growth_module, "choose_width", spy)
+    config = GenerationConfig(budget=32, draft_batch=8, auto_width=True, max_new_tokens=40)
+    events = list(engine.generate([1, 2, 3], config))
+    plain = list(Engine(target, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=40)))
+    assert events[-1].token_ids == plain[-1].token_ids
+    assert chosen, "auto width never chose a width"
+    if steps == "flat":  # as wide as the frontier allows: wider than the fixed 8 at least once
+        assert max(chosen) > 8
+    else:  # cost grows with width: narrow steps
+        assert max(chosen) <= 8
+    assert engine._draft_scale > 0

@@ -17,14 +17,17 @@ def grow(method: str, budget: int, sampling: SamplingParams, seed: int = 0):
     draft = tiny_lm(seed)
     cache = draft.new_cache()
     growth = GrowthParams(budget=budget, max_depth=6, batch=4)
+    if method == "specexec-width":  # each step picks its width from (made-up) calibrated costs
+        growth = GrowthParams(budget=budget, max_depth=6, batch=4, width_costs=((1, 1.0), (4, 1.2), (16, 2.0)))
+        method = "specexec"
     if method == "specexec":
-        tree, _ = grow_specexec(draft, cache, COMMITTED, growth, sampling)
+        tree = grow_specexec(draft, cache, COMMITTED, growth, sampling).tree
     else:
         tree, _ = grow_specinfer(draft, cache, COMMITTED, growth, sampling, torch.Generator().manual_seed(seed))
     return tree, draft, cache
 
 
-CASES = [(m, b, s) for m in ("specexec", "specinfer") for b in (1, 5, 16, 40) for s in (SamplingParams(0.0), SamplingParams(1.0, 0.9))]
+CASES = [(m, b, s) for m in ("specexec", "specexec-width", "specinfer") for b in (1, 5, 16, 40) for s in (SamplingParams(0.0), SamplingParams(1.0, 0.9))]
 
 
 @pytest.mark.parametrize("method, budget, sampling", CASES)
@@ -81,3 +84,26 @@ def test_tree_positions_and_mask_give_each_node_its_own_path_logits():
         sequence = COMMITTED + path(tree, node)
         fresh = target.forward(torch.tensor(sequence), torch.arange(len(sequence)), causal_visibility(0, len(sequence)), target.new_cache())
         assert torch.allclose(logits[node], fresh[-1], atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "probs, costs, expected",
+    [
+        ([0.5, 0.2, 0.1, 0.05], ((1, 1.0), (2, 1.0), (4, 1.0)), (4, 1.0)),  # flat cost (a GPU): widest
+        ([0.9, 0.01, 0.01, 0.01], ((1, 1.0), (2, 2.0), (4, 4.0)), (1, 1.0)),  # cost ~ width, mass in one node
+        ([0.3, 0.3, 0.3, 0.05], ((1, 1.0), (2, 1.5), (4, 3.0)), (2, 1.5)),  # 0.3/1 < 0.6/1.5 > 0.95/3
+        ([0.4, 0.3], ((1, 1.0), (8, 1.1), (32, 5.0)), (2, 1.1)),  # no wider than the frontier
+    ],
+)
+def test_choose_width_maximises_frontier_mass_per_second(probs, costs, expected):
+    from specchat.growth import choose_width
+
+    assert choose_width(probs, costs) == expected
+
+
+def test_a_step_pays_off_only_while_it_adds_more_than_it_costs():
+    growth = GrowthParams(budget=64, target_pass_s=1.0)
+    # throughput E / (T + D): 2 tokens in 1.5 s; a 0.1 s step adding m tokens pays off iff m * 1.5 > 2 * 0.1
+    assert growth.step_pays_off(0.2, 2.0, 0.5, 0.1)
+    assert not growth.step_pays_off(0.1, 2.0, 0.5, 0.1)
+    assert GrowthParams(budget=64).step_pays_off(0.0, 2.0, 0.5, 0.1)  # no target time measured yet: keep growing
