@@ -30,6 +30,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Compute devi
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
+DraftBatchOpt = Annotated[Optional[str], typer.Option("--draft-batch", help="Nodes per draft step, or auto (each step picks its width from the calibrated step costs; the default).")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Tree tokens the target verifies per pass, or auto (tuned from measured speed; the default).")]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy.")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass in (0, 1].")]
@@ -68,6 +69,7 @@ def run(
     store: StoreOpt = None,
     method: MethodOpt = None,
     budget: BudgetOpt = None,
+    draft_batch: DraftBatchOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
@@ -81,7 +83,7 @@ def run(
 
     flags = dict(
         model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store,
-        method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
+        method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, system=system,
     )
     with error_boundary(debug):
@@ -103,6 +105,7 @@ def chat(
     store: StoreOpt = None,
     method: MethodOpt = None,
     budget: BudgetOpt = None,
+    draft_batch: DraftBatchOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
@@ -116,8 +119,8 @@ def chat(
 
     flags = dict(
         model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget,
-        store=store, method=method, budget=budget, temperature=temperature, top_p=top_p, seed=seed,
-        max_new_tokens=max_new_tokens, system=system,
+        store=store, method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p,
+        seed=seed, max_new_tokens=max_new_tokens, system=system,
     )
     with error_boundary(debug):
         run_chat(build_config(flags, config, config_file()), resume)
@@ -235,6 +238,7 @@ def bench(
     device: DeviceOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
+    draft_batch: DraftBatchOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Re-measure the cost model behind --budget auto first.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw tokens/pass and tokens/s vs. budget to this .png/.svg/.pdf (needs matplotlib: the plot extra).")] = None,
@@ -246,7 +250,10 @@ def bench(
     from .benchcmd import BenchOutput, render_log_command, run_bench_command
 
     output = BenchOutput(as_json=json_output, plot=plot, log=log)
-    flags = dict(model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store)
+    flags = dict(
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget,
+        store=store, draft_batch=draft_batch,
+    )
     with error_boundary(debug):
         if from_log is not None:
             render_log_command(from_log, output)

@@ -340,6 +340,8 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     )
     if draft is not None and config.budget is None:  # --budget auto runs on the cost model
         ensure_calibration(pipeline, config, progress)
+    elif draft is not None and config.draft_batch is None:  # auto width: the saved step costs, if any (else width 8)
+        pipeline.engine.calibration = load_calibration(calibration_file(), calibration_key(pipeline, config))
     return pipeline
 
 

@@ -106,6 +106,8 @@ BAD_INPUTS = [
     ("config-key", [], None, 'max_new_tokens = 4\ncolour = "blue"\n', "line 2: unknown key 'colour'"),
     ("config-value", [], None, 'budget = "many"\n', "bad value for budget"),
     ("config-missing", ["--config", "/nonexistent/specchat.toml"], None, None, "does not exist"),
+    ("draft-batch-zero", ["--draft-batch", "0"], None, None, "draft_batch must be >= 1"),
+    ("draft-batch-word", ["--draft-batch", "many"], None, None, "bad value for draft_batch"),
     ("device-unknown", ["--device", "tpu"], None, None, "--device must be one of auto, cpu, cuda"),
     *([("device-cuda-absent", ["--device", "cuda"], None, None, "torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
 ]
