@@ -170,6 +170,19 @@ def test_not_enough_ram_is_refused_before_loading(tiny_dirs, monkeypatch):
     assert result.stderr.strip().splitlines()[-1].startswith("error: not enough RAM to hold the models")
 
 
+def test_not_enough_disk_for_the_layer_store_is_refused_before_writing_it(tiny_dirs, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 4096, 4096))
+    stores = tmp_path / "stores"
+    result = runner.invoke(app, base_args(tiny_dirs, "--offload", "ssd", "--store", str(stores), "the sea"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: not enough disk for the layer store")
+    assert not list(stores.rglob("layer_*"))
+
+
 @pytest.mark.parametrize("offload", ["ssd", "none"])
 def test_4bit_target_runs_and_speculation_still_matches_plain_decoding(tiny_dirs, tmp_path, offload):
     stores = tmp_path / "stores"

@@ -79,6 +79,45 @@ def test_store_build_resumes_and_never_trusts_a_half_written_store(model_dir, tm
     assert not list(path.glob("*.partial"))
 
 
+def test_a_store_that_cannot_fit_the_disk_is_refused_before_writing(model_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from specchat.errors import ResourceError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 4096, 4096))
+    with pytest.raises(ResourceError, match="not enough disk for the layer store"):
+        build_store(model_dir, tmp_path / "store", "float16")
+    assert not list((tmp_path / "store").glob("layer_*"))
+
+
+def test_a_disk_that_fills_up_mid_build_leaves_nothing_a_later_run_would_trust(model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from specchat.errors import ResourceError
+
+    path = tmp_path / "store"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the third layer file hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_until_full)
+    with pytest.raises(ResourceError, match="the disk filled up while writing .*layer_002.bin"):
+        build_store(model_dir, path, "float16")
+    assert sorted(p.name for p in path.iterdir()) == ["layer_000.bin", "layer_001.bin"]  # no .partial, no manifest
+    with pytest.raises(CorruptModel, match="incomplete"):
+        open_store(path)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    resumed = build_store(model_dir, path, "float16")  # space again: the build resumes and completes
+    fresh = build_store(model_dir, tmp_path / "fresh", "float16")
+    assert resumed.crc32 == fresh.crc32
+
+
 def test_truncated_and_corrupt_layer_files_are_refused(model_dir, tmp_path):
     path = tmp_path / "store"
     build_store(model_dir, path, "float16")
