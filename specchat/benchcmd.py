@@ -16,7 +16,7 @@ from .config import RunConfig
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError, InputError
 from .oneshot import stderr_progress
-from .pipeline import ensure_calibration, load_pipeline
+from .pipeline import ensure_calibration, load_pipeline, resolve_device
 from .views import bench_json, bench_plot, bench_table
 
 
@@ -152,12 +152,16 @@ def _check_plot_backend(plot: Path | None) -> None:
 def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
     """What a log's runs depend on: a resumed log must match it exactly."""
     prompts = hashlib.sha256("\x00".join(bench.prompts).encode()).hexdigest()[:16]
-    return {
+    setup = {
         "target": settings.model, "draft": settings.draft, "quant": settings.quant, "draft_quant": settings.draft_quant,
         "offload": settings.offload, "ram_budget": settings.ram_budget, "max_depth": settings.max_depth,
         "draft_batch": settings.draft_batch if settings.draft_batch is not None else "auto", "prompts": len(bench.prompts), "prompts_sha256": prompts,
         "max_new_tokens": bench.max_new_tokens, "top_p": bench.top_p, "seed": bench.seed,
     }
+    device = resolve_device(settings.device).type
+    if device != "cpu":  # (absent on a CPU, so that the logs of earlier sessions still resume)
+        setup["device"] = device
+    return setup
 
 
 def _stream_bandwidth(pipeline, log: LogWriter | None) -> float | None:

@@ -20,8 +20,8 @@ from .errors import ConfigError
 QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
-DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_DRAFT_BATCH = 8  # draft step width without calibrated costs (or when --draft-batch is fixed)  # auto: the first CUDA GPU torch sees, else the CPU
+DEVICES = ("auto", "cpu", "cuda")  # auto: the first CUDA GPU torch sees, else the CPU
+DEFAULT_DRAFT_BATCH = 8  # draft step width without calibrated costs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -215,8 +215,8 @@ class Engine:
             walk = walk_specinfer
         draft_s = time.perf_counter() - started
         self._draft_step_s = _running_mean(self._draft_step_s, draft_s / max(self.last_draft_forwards, 1))
-        if predicted_s > 0:
-            self._draft_scale = _running_mean(self._draft_scale, draft_s / predicted_s)
+        if predicted_s > 0:  # predicted_s used the old scale: measured / calibrated = scale * measured / predicted
+            self._draft_scale = _running_mean(self._draft_scale, self._draft_scale * draft_s / predicted_s)
 
         started = time.perf_counter()
         prefix = self.target_cache.length  # = len(tokens) - 1

@@ -153,7 +153,8 @@ def _auto_draft(
             "name one with --draft, or use --draft none for plain decoding",
         )
     target_tokenizer = load_tokenizer(target_dir)
-    room = fast_memory_left(target_dir, config.offload, config.ram_budget, resolve_device(config.device))
+    device = resolve_device(config.device)
+    room = fast_memory_left(target_dir, config.offload, config.ram_budget, device)
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)
@@ -163,7 +164,7 @@ def _auto_draft(
         except SpecchatError as exc:  # absent, corrupt, or another tokenizer
             skipped.append(f"{name}: {exc.what}")
             continue
-        needed = int(resident_bytes(draft_dir, compute_dtype_for(resolve_device(config.device))) * RAM_HEADROOM)
+        needed = int(resident_bytes(draft_dir, compute_dtype_for(device)) * RAM_HEADROOM)
         if needed > room:
             skipped.append(f"{name}: needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB left beside the target")
             continue
@@ -186,8 +187,9 @@ def fast_memory_left(
 
     CPU: RAM minus all of the target when resident (``none``/``ram``), else minus its non-layer
     weights, the layers ``--ram-budget`` keeps, and a ring of two streamed layers.
-    GPU: free VRAM minus the target's least share (non-layer weights, two layer slots, 1 GiB of
-    headroom); the draft goes first, the target's layers fill what it leaves.
+    GPU: free VRAM minus the target's least share (non-layer weights, two slots of a layer and
+    its file -- 4 layers' worth -- and 1 GiB of headroom); the draft goes first, the target's
+    layers fill what it leaves.
     """
     if device.type == "cuda":
         dtype = compute_dtype_for(device)
@@ -249,7 +251,7 @@ def gpu_plan(
     dtype = compute_dtype_for(device)
     layers = int(check_architecture(target_dir).num_hidden_layers)
     four_bit = resolve_quant(config.quant, config.offload) == "4bit"
-    layer_bytes = resident_bytes(target_dir, dtype, layers=True) // layers
+    layer_bytes = resident_bytes(target_dir, dtype, layers=True) // max(layers, 1)
     if stored_layer_bytes is None:  # a 16-bit store holds the layer as is; NF4 keeps 4.5 of its 16 bits
         stored_layer_bytes = layer_bytes * 9 // 32 if four_bit else layer_bytes
     return plan_offload_gpu(
@@ -284,7 +286,8 @@ def _load_target_gpu(
     store_dtype = store_dtype_for(resolve_quant(config.quant, plan.mode), target_dir)
     store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, store_dtype)
     store = build_store(target_dir, store_path, store_dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
-    plan = gpu_plan(replace(config, offload=plan.mode), target_dir, draft_bytes, device, store.layer_bytes)
+    # Again with the layer files' real size (same --offload, so an auto choice keeps its reason).
+    plan = gpu_plan(config, target_dir, draft_bytes, device, store.layer_bytes)
     if four_bit:
         plan = OffloadPlan(plan.mode, plan.resident_layers, f"{plan.reason} (4-bit NF4 layer files)", plan.host_layers)
     kept = plan.resident_layers * (store.layer_bytes if four_bit else layer_bytes)

@@ -15,7 +15,7 @@ from .config import RunConfig
 from .errors import ConfigError, ModelNotFound, ResourceError
 from .oneshot import stderr_progress
 from .paths import cache_dir, config_file
-from .pipeline import gpu_plan, resident_bytes, resolve_device, resolve_quant, store_dtype_for, stored_dtype
+from .pipeline import compute_dtype_for, gpu_plan, resident_bytes, resolve_device, resolve_quant, store_dtype_for, stored_dtype
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, materialize, parse_model_spec
 from .store import build_store, store_dir_for
@@ -94,12 +94,12 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
             return
     target_dir = _materialize_or_download(ref, progress)
     progress(f"target {ref.display}: {target_dir}")
-    draft_name = None
+    draft_name, draft_dir = None, None
     candidates: list[str] = [settings.draft] if settings.draft not in ("auto", "none") else (list(ref.entry.drafts) if ref.entry else [])
     if settings.draft != "none":
         for candidate in candidates:
             draft_ref = parse_model_spec(candidate, registry)
-            _materialize_or_download(draft_ref, progress)
+            draft_dir = _materialize_or_download(draft_ref, progress)
             draft_name = draft_ref.display
             progress(f"draft {draft_name}: ready")
             break
@@ -108,8 +108,9 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
 
     layers = int(check_architecture(target_dir).num_hidden_layers)
     device = resolve_device(settings.device)
-    if device.type == "cuda":  # the draft's share of the GPU is settled when run loads it
-        plan = gpu_plan(settings, target_dir, 0, device)
+    if device.type == "cuda":  # the draft goes on the GPU first; the target's layers fill what it leaves
+        draft_bytes = resident_bytes(draft_dir, compute_dtype_for(device)) if draft_dir is not None else 0
+        plan = gpu_plan(settings, target_dir, draft_bytes, device)
     else:
         available = psutil.virtual_memory().available
         plan = plan_offload(settings.offload, layers, model_bytes // layers, model_bytes, available, settings.ram_budget)

@@ -142,7 +142,7 @@ def models_table(rows: list[dict], out: TextIO) -> None:
         table.add_column(header)
     for row in rows:
         drafts = ", ".join(f"{d['name']}{' (present)' if d['present'] else ''}" for d in row["drafts"])
-        fits = {"ram": "in memory", "ssd": "streamed from SSD", "no": "no"}[row["fits"]]
+        fits = {"ram": "in memory", "pinned": "pinned RAM -> GPU", "ssd": "streamed from SSD", "no": "no"}[row["fits"]]
         table.add_row(
             row["name"], f"{row['params_b']:g}B", _gb(row["bytes_16bit"]), _gb(row["bytes_4bit"]),
             "yes" if row["present"] else "no", fits, drafts,

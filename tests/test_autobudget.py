@@ -111,9 +111,10 @@ def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
 @pytest.mark.parametrize("draft_seed", [0, 100])  # draft = target (all accepted), an unrelated draft (almost none)
 @pytest.mark.parametrize("steps", ["flat", "linear"])  # a GPU-like and a CPU-like draft step cost
 def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_seed, steps, monkeypatch):
+    from specchat import engine as engine_module
     from specchat import growth as growth_module
 
-    step_s = {1: 0.01, 8: 0.01, 32: 0.01} if steps == "flat" else {1: 0.01, 8: 0.08, 32: 0.32}
+    step_s = {1: 0.01, 8: 0.01, 32: 0.01} if steps == "flat" else {1: 0.01, 8: 0.09, 32: 0.4}  # per node: rising
     target, draft = tiny_lm(0), tiny_lm(draft_seed)
     engine = Engine(target, draft, CharTokenizer(), [])
     engine.calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, step_s)
@@ -125,7 +126,16 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
         chosen.append(width[0])
         return width
 
+    class TickingClock:  # every timed span lasts 0.1 s: the adaptive stop decides the same on any machine
+        now = 0.0
+
+        @staticmethod
+        def perf_counter() -> float:
+            TickingClock.now += 0.1
+            return TickingClock.now
+
     monkeypatch.setattr(growth_module, "choose_width", spy)
+    monkeypatch.setattr(engine_module, "time", TickingClock)
     config = GenerationConfig(budget=32, draft_batch=8, auto_width=True, max_new_tokens=40)
     events = list(engine.generate([1, 2, 3], config))
     plain = list(Engine(target, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=40)))
@@ -135,4 +145,37 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
         assert max(chosen) > 8
     else:  # cost grows with width: narrow steps
         assert max(chosen) <= 8
-    assert engine._draft_scale > 0
+
+
+def test_the_draft_time_scale_converges_to_measured_over_calibrated(monkeypatch):
+    """Auto width rescales the calibrated step costs by what the passes measure: a draft that
+    takes ~k times its calibrated seconds must end up costed at ~k (not at sqrt(k))."""
+    from specchat import engine as engine_module
+    from specchat.growth import Growth
+
+    target, draft = tiny_lm(0), tiny_lm(0)
+    engine = Engine(target, draft, CharTokenizer(), [])
+    engine.calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, {1: 0.01, 8: 0.02, 32: 0.05})
+    calibrated_s, measured_s = 0.01, 0.05  # k = 5
+    real_grow = engine_module.grow_specexec
+
+    class Clock:  # the engine's clock: only the fake draft below takes time
+        now = 0.0
+
+        @staticmethod
+        def perf_counter() -> float:
+            return Clock.now
+
+    def slow_grow(*args):
+        grown = real_grow(*args)
+        Clock.now += measured_s
+        # as grow_specexec reports it: the calibrated seconds times the scale in force
+        return Growth(grown.tree, grown.draft_forwards, engine._draft_scale * calibrated_s)
+
+    monkeypatch.setattr(engine_module, "time", Clock)
+    monkeypatch.setattr(engine_module, "grow_specexec", slow_grow)
+    config = GenerationConfig(budget=8, draft_batch=8, auto_width=True, max_new_tokens=1)
+    for _ in range(30):
+        engine.reset()
+        list(engine.generate([1, 2, 3], config))
+    assert engine._draft_scale == pytest.approx(5.0, rel=0.01)  # sqrt(5) = 2.2 was the old fixed point

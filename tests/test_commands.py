@@ -219,3 +219,18 @@ def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
     assert advice["target"]["value"] in ("qwen2.5-32b", "qwen2.5-coder-32b")
     if offload != "none":  # a streamed target: a big tree, up to where compute catches up with the copy
         assert int(advice["budget"]["value"]) >= 256
+
+
+def test_models_table_names_every_way_a_target_can_run():
+    import io
+
+    from specchat.views import models_table
+
+    rows = [
+        {"name": name, "params_b": 1.0, "bytes_16bit": 2e9, "bytes_4bit": 0.6e9, "present": False, "fits": fits, "drafts": []}
+        for name, fits in (("a", "ram"), ("b", "pinned"), ("c", "ssd"), ("d", "no"))
+    ]
+    out = io.StringIO()
+    models_table(rows, out)
+    text = out.getvalue()
+    assert all(phrase in text for phrase in ("in memory", "pinned RAM -> GPU", "streamed from SSD"))
