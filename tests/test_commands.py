@@ -234,3 +234,57 @@ def test_models_table_names_every_way_a_target_can_run():
     models_table(rows, out)
     text = out.getvalue()
     assert all(phrase in text for phrase in ("in memory", "pinned RAM -> GPU", "streamed from SSD"))
+
+
+@pytest.fixture
+def fake_hub(hub_cache, tiny_dirs, monkeypatch):
+    """huggingface_hub.snapshot_download with the network replaced: a download writes the tiny
+    target into the cache as the hub would; cache look-ups (local_files_only) stay the real ones."""
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+    calls = []
+
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kwargs)
+        calls.append((repo_id, kwargs))
+        if repo_id == "tiny-org/gone":
+            import httpx2  # huggingface_hub's HTTP client
+
+            from huggingface_hub.errors import HfHubHTTPError
+
+            url = f"https://huggingface.co/api/models/{repo_id}"
+            response = httpx2.Response(404, request=httpx2.Request("GET", url))
+            raise HfHubHTTPError(f"404 Client Error: Repository Not Found for url: {url}", response=response)
+        repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / "fedcba9876543210"
+        shutil.copytree(tiny_dirs["target"], snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("fedcba9876543210")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_setup_downloads_a_hub_model_through_huggingface_hub_then_runs_it(fake_hub, tiny_dirs):
+    result = runner.invoke(app, ["setup", "tiny-org/new-model", "--draft", "none", "--offload", "none", "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert "downloading tiny-org/new-model (resumes where it stopped)" in result.stderr
+    [(repo_id, options)] = fake_hub
+    assert repo_id == "tiny-org/new-model"
+    assert "*.safetensors" in options["allow_patterns"] and not any(p.endswith((".bin", ".pt")) for p in options["allow_patterns"])
+    again = runner.invoke(app, ["setup", "tiny-org/new-model", "--draft", "none", "--offload", "none", "--yes"])
+    assert again.exit_code == 0 and len(fake_hub) == 1  # in the cache now: no second download
+    ran = runner.invoke(app, ["run", "--max-new-tokens", "4", "the sea"])  # the configured model
+    direct = runner.invoke(app, ["run", "--model", str(tiny_dirs["target"]), "--draft", "none", "--max-new-tokens", "4", "the sea"])
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stdout == direct.stdout
+
+
+def test_a_failed_download_is_one_error_line(fake_hub):
+    result = runner.invoke(app, ["setup", "tiny-org/gone", "--draft", "none", "--yes"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot download tiny-org/gone: 404 Client Error")
+    assert "Traceback" not in result.stderr
