@@ -250,13 +250,14 @@ def fake_hub(hub_cache, tiny_dirs, monkeypatch):
             return real(repo_id, local_files_only=True, **kwargs)
         calls.append((repo_id, kwargs))
         if repo_id == "tiny-org/gone":
-            import httpx2  # huggingface_hub's HTTP client
+            import importlib
 
-            from huggingface_hub.errors import HfHubHTTPError
+            from huggingface_hub import errors
 
+            http = importlib.import_module(errors.Response.__module__.split(".")[0])  # the HTTP client it uses
             url = f"https://huggingface.co/api/models/{repo_id}"
-            response = httpx2.Response(404, request=httpx2.Request("GET", url))
-            raise HfHubHTTPError(f"404 Client Error: Repository Not Found for url: {url}", response=response)
+            response = http.Response(404, request=http.Request("GET", url))
+            raise errors.HfHubHTTPError(f"404 Client Error: Repository Not Found for url: {url}", response=response)
         repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
         snapshot = repo / "snapshots" / "fedcba9876543210"
         shutil.copytree(tiny_dirs["target"], snapshot)
