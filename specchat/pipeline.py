@@ -295,7 +295,8 @@ def _load_target_gpu(
     staging = 2 * store.layer_bytes if plan.resident_layers + plan.host_layers < layers else 0
     _check_ram(plan.host_layers * store.layer_bytes + staging, "hold the target's layers in pinned RAM")
     lm = load_streamed(
-        store, dtype, resident_layers=plan.resident_layers, device=device, host_layers=plan.host_layers, keep_files=four_bit
+        store, dtype, resident_layers=plan.resident_layers, device=device, host_layers=plan.host_layers,
+        copy_to_device=True, keep_files=four_bit,
     )
     return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan
 
