@@ -11,7 +11,7 @@ from torch import nn
 
 from .cpulinear import WeightLeftLinear, use_weight_left_linears
 from .errors import CorruptModel, InputError
-from .lm import LayeredLM, ResidentLayers
+from .lm import LayeredLM, ResidentLayers, keep_embedding_16bit
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
 
@@ -91,8 +91,23 @@ def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = 
     except Exception as exc:  # safetensors/transformers raise many types for a damaged file
         raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
     model.to(device).eval()
+    keep_embedding_16bit(model, checkpoint_dtype(path, "model.embed_tokens.weight"))
     use_weight_left_linears(model)
     return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def checkpoint_dtype(path: Path, name: str) -> torch.dtype | None:
+    """The dtype tensor ``name`` has in the model's safetensors files (None if not found)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            if name in handle.keys():
+                return _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+    return None
 
 
 def quantize_int8(lm: LayeredLM) -> LayeredLM:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cpulinear import use_weight_left_linears
-from .lm import LayeredLM
+from .lm import LayeredLM, UpcastEmbedding
 from .store import RESIDENT, Store
 from .devicestream import DeviceStreamedLayers
 from .streamer import StreamedLayers
@@ -117,6 +117,29 @@ def plan_offload_gpu(
     )
 
 
+EMBED = "model.embed_tokens.weight"
+
+
+def _resident_weights(store: Store, compute_dtype: torch.dtype, tied: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The store's resident tensors in the compute dtype, one at a time (no second full copy in RAM);
+    an untied 16-bit embedding table is returned apart, as stored (see :class:`UpcastEmbedding`)."""
+    from safetensors import safe_open
+
+    weights, embed_16bit = {}, None
+    with safe_open(str(store.path / RESIDENT), framework="pt") as handle:
+        names = list(handle.keys())
+        tied = tied or "lm_head.weight" not in names
+        for name in names:
+            tensor = handle.get_tensor(name)
+            if name == EMBED and not tied and compute_dtype == torch.float32 and tensor.dtype in (torch.float16, torch.bfloat16):
+                embed_16bit = tensor
+            else:
+                weights[name] = tensor.to(compute_dtype)
+    if tied and "lm_head.weight" not in weights and EMBED in weights:
+        weights["lm_head.weight"] = weights[EMBED]
+    return weights, embed_16bit
+
+
 def load_streamed(
     store: Store,
     compute_dtype: torch.dtype = torch.float32,
@@ -140,7 +163,6 @@ def load_streamed(
     device = torch.device(device)
     if copy_to_device is None:
         copy_to_device = device.type != "cpu"
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(store.path)
@@ -150,15 +172,15 @@ def load_streamed(
     layer_class = type(skeleton.model.layers[0])
     rotary_class = type(skeleton.model.rotary_emb)
     skeleton.model.layers = nn.ModuleList()
-    weights = {name: t.to(compute_dtype) for name, t in load_file(str(store.path / RESIDENT)).items()}
-    if "lm_head.weight" not in weights and getattr(config, "tie_word_embeddings", False):
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    missing = set(dict(skeleton.named_parameters())) - set(weights)
+    weights, embed_16bit = _resident_weights(store, compute_dtype, getattr(config, "tie_word_embeddings", False))
+    missing = set(dict(skeleton.named_parameters())) - set(weights) - ({EMBED} if embed_16bit is not None else set())
     if missing:
         from .errors import CorruptModel
 
         raise CorruptModel(f"layer store {store.path} lacks {sorted(missing)[0]}", f"delete {store.path} and rebuild")
     skeleton.load_state_dict(weights, strict=False, assign=True)
+    if embed_16bit is not None:
+        skeleton.model.embed_tokens = UpcastEmbedding(embed_16bit, compute_dtype)
     skeleton.model.rotary_emb = rotary_class(config=config)
     if getattr(config, "tie_word_embeddings", False):  # one Parameter, so that .to(device) keeps one copy
         skeleton.lm_head.weight = skeleton.model.embed_tokens.weight

@@ -293,3 +293,30 @@ def test_device_ring_keeps_4bit_layer_files_on_the_device(model_dir, tmp_path, k
     requested = streamed.bytes_read()
     logits(streamed, ids)
     assert streamed.bytes_read() - requested == (4 - kept) * store.layer_bytes
+
+
+@pytest.mark.parametrize("checkpoint", [torch.float16, torch.bfloat16])
+def test_a_16bit_embedding_table_stays_16bit_and_changes_no_logit(tmp_path, checkpoint):
+    """On a CPU the untied embedding table keeps its checkpoint dtype (half the RAM of float32);
+    the rows it hands on are the exact float32 values, so the forward is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from specchat.lm import UpcastEmbedding
+
+    path = tmp_path / "model"
+    tiny_hf(5, arch="qwen2", layers=2, dtype=checkpoint).save_pretrained(path)
+    plain = LayeredLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())  # float32 table
+    resident = load_resident(path, torch.float32).lm
+    streamed = load_streamed(build_store(path, tmp_path / "store", str(checkpoint).removeprefix("torch.")), torch.float32)
+    for lm in (resident, streamed):
+        assert isinstance(lm.embed_tokens, UpcastEmbedding) and lm.embed_tokens.weight.dtype == checkpoint
+    ids = [3, 1, 4, 1, 5, 9]
+    for lm in (resident, streamed):  # the exact rows of the float32 table
+        assert torch.equal(lm.embed_tokens(torch.tensor(ids)), plain.embed_tokens(torch.tensor(ids)))
+        assert torch.allclose(logits(lm, ids), logits(plain, ids), atol=1e-6)
+
+
+def test_a_tied_or_float32_embedding_stays_as_it_was(model_dir):
+    from specchat.lm import UpcastEmbedding
+
+    assert not isinstance(load_resident(model_dir, torch.float32).lm.embed_tokens, UpcastEmbedding)  # float32 checkpoint
