@@ -68,10 +68,11 @@ def run_bench_command(
         render_log_command(output.log, output)
         return
     # "ar" needs no draft, but the other methods do: load one only if some method uses it.
-    # The budget `auto` runs on a calibration: load with a fixed budget, then ensure it here, once.
+    # The budget `auto` and the draft width `auto` run on a calibration: load with a fixed budget,
+    # then ensure it here, once -- so every run of a sweep has the same costs, saved or measured.
     loaded = replace(settings, method="specexec", budget=max((b for b in budgets if b != AUTO), default=64))
     pipeline = load_pipeline(loaded if needs_draft else _without_draft(settings), stderr_progress)
-    if (calibrate or AUTO in budgets) and pipeline.draft is not None:
+    if (calibrate or AUTO in budgets or settings.draft_batch is None) and pipeline.draft is not None:
         ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=calibrate)
     bandwidths = [_stream_bandwidth(pipeline, log)]
     counters = getattr(pipeline.engine.target.layer_source, "read_counters", None)

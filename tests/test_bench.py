@@ -201,3 +201,13 @@ def test_bench_plot_with_an_unknown_image_type_fails_before_running(tiny_dirs, t
     pytest.importorskip("matplotlib")
     result = runner.invoke(app, _bench_args(tiny_dirs, tmp_path / "missing.jsonl", "--plot", str(tmp_path / "x.gif")))
     assert result.exit_code != 0 and "unknown image type '.gif'" in result.stderr
+
+
+@pytest.mark.parametrize("width, calibrates", [(None, True), ("8", False)])
+def test_a_fixed_budget_sweep_calibrates_for_the_auto_draft_width_only(tiny_dirs, tmp_path, width, calibrates):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sea"}\n')
+    extra = ["--draft-batch", width] if width else []
+    result = runner.invoke(app, [*_bench_args(tiny_dirs, prompts, "--n", "1", "--json"), *extra])
+    assert result.exit_code == 0, result.stderr
+    assert ("measuring pass times" in result.stderr) == calibrates  # the same step costs for every run of the sweep
