@@ -143,7 +143,7 @@ class LogWriter:
         log = read_log(self.path)
         if log.setup != setup or log.configurations != configurations:
             raise InputError(
-                f"bench log {self.path} was written by a different benchmark (settings or configurations differ)",
+                f"bench log {self.path} was written by a different benchmark ({_first_difference(log, setup, configurations)})",
                 "give a new --log path, or the same options as the logged run to resume it",
             )
         _drop_partial_last_line(self.path)
@@ -173,3 +173,11 @@ class LogWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _first_difference(log: BenchLog, setup: dict, configurations: list[Key]) -> str:
+    """What a resumed log disagrees on, as the user would fix it: the first differing setting."""
+    for key in sorted(set(log.setup) | set(setup)):
+        if log.setup.get(key) != setup.get(key):
+            return f"{key}: logged {log.setup.get(key)!r}, now {setup.get(key)!r}"
+    return f"configurations: logged {len(log.configurations)}, now {len(configurations)} (methods, budgets or temperatures)"

@@ -165,7 +165,10 @@ def test_bench_log_of_another_benchmark_is_refused_untouched(tiny_dirs, tmp_path
     before = log.read_text()
     other = runner.invoke(app, _bench_args(tiny_dirs, prompts, "--n", "1", "--log", str(log), "--seed", "7"))
     assert other.exit_code != 0
-    assert "written by a different benchmark" in other.stderr and "Traceback" not in other.stderr
+    assert "written by a different benchmark (seed: logged 0, now 7)" in other.stderr and "Traceback" not in other.stderr
+    assert log.read_text() == before
+    budgets = runner.invoke(app, [*_bench_args(tiny_dirs, prompts, "--n", "1", "--log", str(log)), "--budgets", "4,8"])
+    assert "(configurations: logged 2, now 3 (methods, budgets or temperatures))" in budgets.stderr
     assert log.read_text() == before
 
 
