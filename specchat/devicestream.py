@@ -235,16 +235,13 @@ class DeviceStreamedLayers:
             slot.buffer = slot.views = None  # the module keeps its own parameters
             self.resident[index] = slot.module
         self.device_files: dict[int, list] = {}  # layer index -> views of its file on the device
-        self._device_buffers = []
         for index in sorted(device_files):
             self._read(index, scratch)
             buffer = scratch.to(self.device, copy=True)  # its own copy, also when the device is the CPU
-            self._device_buffers.append(buffer)
-            self.device_files[index] = tensor_views(buffer, store.layout)
+            self.device_files[index] = tensor_views(buffer, store.layout)  # the views keep it alive
         del scratch
         self.slots = [DeviceSlot(make_layer(0), store, self.device) for _ in range(n_slots)]
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specchat-read")
-        self.copy_s = 0.0  # host seconds spent enqueueing copies (CPU: doing them)
 
     def _read(self, index: int, buffer: torch.Tensor) -> None:
         """Read layer ``index``'s file into a host buffer (O_DIRECT only if the buffer is page-aligned)."""
@@ -268,7 +265,6 @@ class DeviceStreamedLayers:
             k = store_position.get(index)
             if k is not None:
                 reads.pop(k).result()
-            start = time.perf_counter()
             slot = self.slots[s]
             with self.sync.side_stream():
                 self.sync.wait_slot_free(s)
@@ -281,7 +277,6 @@ class DeviceStreamedLayers:
                         self.sync.staging_copied(k % n_staging)
                     fill_params(slot.params, slot.views)
                 self.sync.slot_ready(s)
-            self.copy_s += time.perf_counter() - start
             if k is not None and k + n_staging < len(store_order):  # this staging buffer's next read
                 reads[k + n_staging] = self._io.submit(read, k + n_staging)
 
@@ -343,10 +338,3 @@ class DeviceStreamedLayers:
     def resident_bytes(self) -> int:
         """Host RAM held by layers between passes (pinned host copies)."""
         return sum(buffer.numel() for buffer in self.host.values())
-
-    def device_bytes(self) -> int:
-        """Device memory held by layers: resident modules plus the slots' buffers and modules."""
-        modules = list(self.resident.values()) + [slot.module for slot in self.slots]
-        params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-        files = sum(buffer.numel() for buffer in self._device_buffers)
-        return params + files + sum(slot.buffer.numel() for slot in self.slots)

@@ -30,6 +30,14 @@ def logits(lm: LayeredLM, ids) -> torch.Tensor:
     return lm.forward(ids, torch.arange(len(ids)), causal_visibility(0, len(ids)), lm.new_cache())
 
 
+def tree_logits(lm: LayeredLM) -> torch.Tensor:
+    """A 3-token prefix in the cache, then a 3-node tree (root 7 with children 8 and 9) over it."""
+    cache = lm.new_cache()
+    lm.forward(torch.tensor([1, 2, 3]), torch.arange(3), causal_visibility(0, 3), cache)
+    visible = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    return lm.forward(torch.tensor([7, 8, 9]), torch.tensor([3, 4, 4]), visible, cache)
+
+
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("float16", 2e-2), ("bfloat16", 1e-1)])
 @pytest.mark.parametrize("resident_layers", [0, 2])
 def test_streamed_forward_equals_resident_forward(model_dir, tmp_path, dtype, atol, resident_layers):
@@ -45,12 +53,7 @@ def test_streamed_forward_equals_resident_forward(model_dir, tmp_path, dtype, at
 def test_streamed_forward_with_a_cache_and_a_tree_mask(model_dir, tmp_path):
     store = build_store(model_dir, tmp_path / "store", "float32")
     streamed, resident = load_streamed(store), load_resident(model_dir).lm
-    for lm in (streamed, resident):
-        cache = lm.new_cache()
-        lm.forward(torch.tensor([1, 2, 3]), torch.arange(3), causal_visibility(0, 3), cache)
-        visible = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
-        lm.tree_logits = lm.forward(torch.tensor([7, 8, 9]), torch.tensor([3, 4, 4]), visible, cache)
-    assert torch.allclose(streamed.tree_logits, resident.tree_logits, atol=1e-6)
+    assert torch.allclose(tree_logits(streamed), tree_logits(resident), atol=1e-6)
 
 
 def test_ssd_mode_reads_the_streamed_layers_every_pass(model_dir, tmp_path):
@@ -233,12 +236,7 @@ def test_device_ring_with_a_cache_and_a_tree_mask_and_ring_of_three(model_dir, t
     store = build_store(model_dir, tmp_path / "store", "float32")
     streamed = load_streamed(store, host_layers=1, ring=3, copy_to_device=True)
     resident = load_resident(model_dir).lm
-    for lm in (streamed, resident):
-        cache = lm.new_cache()
-        lm.forward(torch.tensor([1, 2, 3]), torch.arange(3), causal_visibility(0, 3), cache)
-        visible = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)
-        lm.tree_logits = lm.forward(torch.tensor([7, 8, 9]), torch.tensor([3, 4, 4]), visible, cache)
-    assert torch.allclose(streamed.tree_logits, resident.tree_logits, atol=1e-6)
+    assert torch.allclose(tree_logits(streamed), tree_logits(resident), atol=1e-6)
 
 
 def test_device_ring_reads_only_the_store_layers_every_pass(model_dir, tmp_path):
