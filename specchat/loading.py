@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from torch import nn
 
 from .cpulinear import WeightLeftLinear, use_weight_left_linears
 from .errors import CorruptModel, InputError
-from .lm import LayeredLM, ResidentLayers, keep_embedding_16bit
+from .lm import LayeredLM, ResidentLayers, UpcastEmbedding, keep_embedding_16bit
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
 
@@ -81,8 +83,7 @@ def load_tokenizer(path: Path):
         raise CorruptModel(f"cannot load the tokenizer in {path}: {exc}", "re-download or re-convert the model") from exc
 
 
-def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """The whole model on ``device`` in ``dtype``."""
+def _from_pretrained(path: Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_architecture(path)
@@ -90,7 +91,13 @@ def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except Exception as exc:  # safetensors/transformers raise many types for a damaged file
         raise CorruptModel(f"cannot load the weights in {path}: {exc}", "delete and re-create the model files") from exc
-    model.to(device).eval()
+    return model.eval()
+
+
+def load_resident(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """The whole model on ``device`` in ``dtype``."""
+    model = _from_pretrained(path, dtype)
+    model.to(device)
     keep_embedding_16bit(model, checkpoint_dtype(path, "model.embed_tokens.weight"))
     use_weight_left_linears(model)
     return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
@@ -116,8 +123,6 @@ def quantize_int8(lm: LayeredLM) -> LayeredLM:
     Used for the draft only: the draft merely proposes, so its precision changes
     how many tokens are accepted, never what the target outputs.
     """
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
@@ -131,6 +136,48 @@ def quantize_int8(lm: LayeredLM) -> LayeredLM:
     lm.layer_source = ResidentLayers(layers)
     lm.lm_head = head[0]
     return lm
+
+
+def load_int8(path: Path) -> LoadedModel:
+    """The model on the CPU with every Linear in dynamic int8 (as :func:`quantize_int8` makes it), built
+    without a float32 copy of the whole model.
+
+    The weights load in the checkpoint's 16 bits; then the head and one decoder layer at a time go
+    to float32 (exact from 16 bits) and are quantised, so the float32 transient is one matrix or
+    layer. The embedding table stays 16-bit (:class:`UpcastEmbedding`), norms go to float32. Same
+    numbers as loading in float32 and calling :func:`quantize_int8` (tests/test_loading.py), at
+    about half the peak RAM (benchmarks/draft_load_peak.py).
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    stored = checkpoint_dtype(path, "model.embed_tokens.weight")
+    model = _from_pretrained(path, stored if stored in (torch.float16, torch.bfloat16) else torch.float32)
+    base = model.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        model.lm_head = _int8_copy(model.lm_head)  # a tied head's table stays the (16-bit) embedding
+        gc.collect()
+        if base.embed_tokens.weight.dtype != torch.float32:
+            base.embed_tokens = UpcastEmbedding(base.embed_tokens.weight.detach().clone(), torch.float32)
+        for layer in base.layers:
+            layer.float()
+            quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            gc.collect()  # the replaced float32 Linears sit in reference cycles: free them now, not at the end
+    base.norm.float()
+    base.rotary_emb.float()
+    return LoadedModel(LayeredLM(model), load_tokenizer(path), path)
+
+
+def _int8_copy(linear: nn.Linear) -> nn.Module:
+    """A dynamic-int8 Linear with ``linear``'s weights, made from a float32 copy of them."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with torch.device("meta"):  # no float32 initialisation of a matrix about to be replaced
+        plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    plain.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)  # (out, in)
+    if linear.bias is not None:
+        plain.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    return quantize_dynamic(nn.Sequential(plain), {nn.Linear}, dtype=torch.qint8, inplace=True)[0]
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str) -> None:

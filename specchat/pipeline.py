@@ -15,7 +15,7 @@ from .config import RunConfig
 from .costmodel import Calibration, load_calibration, save_calibration
 from .engine import Engine
 from .errors import CorruptModel, InputError, ModelNotFound, ResourceError, SpecchatError
-from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_resident, load_tokenizer, quantize_int8
+from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_int8, load_resident, load_tokenizer
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload, plan_offload_gpu
 from .paths import cache_dir
 from .registry import ModelEntry, load_registry
@@ -325,6 +325,8 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     draft_ref, draft_dir, reason = _choose_draft(config, target_ref, target_dir, registry, progress)
     device = resolve_device(config.device)
     dtype = compute_dtype_for(device)
+    # The draft's loading peak: its float32 size on a CPU (int8 from a 16-bit checkpoint peaks at about
+    # twice the 16-bit weights, benchmarks/draft_load_peak.py), its 16-bit size on a GPU.
     draft_bytes = resident_bytes(draft_dir, dtype) if draft_dir else 0
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     if device.type == "cuda":
@@ -335,9 +337,10 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     draft = None
     if draft_dir is not None:
         progress(f"loading {draft_ref.display}")
-        draft = load_resident(draft_dir, dtype, str(device))
         if config.draft_quant == "int8" and device.type == "cpu":  # a CPU speed-up; a GPU runs the draft in 16-bit
-            quantize_int8(draft.lm)
+            draft = load_int8(draft_dir)
+        else:
+            draft = load_resident(draft_dir, dtype, str(device))
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     pipeline = Pipeline(
         engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device
