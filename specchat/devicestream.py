@@ -113,15 +113,11 @@ def tensor_views(buffer: torch.Tensor, layout: tuple[TensorSlot, ...]) -> list[t
 def fill_params(params: list[nn.Parameter], views) -> None:
     """Write one layer's stored tensors (on the parameters' device) into its module's parameters.
 
-    NF4 on a GPU is dequantised straight into the parameter; on a CPU bitsandbytes writes
-    16-bit fastest, so it goes through a 16-bit temporary."""
+    NF4 is dequantised straight into the parameter."""
     with torch.no_grad():
         for param, stored in zip(params, views):
             if isinstance(stored, tuple):
-                if param.device.type == "cuda":
-                    dequantize_nf4(*stored, tuple(param.shape), out=param.data)
-                else:
-                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+                dequantize_nf4(*stored, tuple(param.shape), out=param.data)
             else:
                 param.copy_(stored)
 

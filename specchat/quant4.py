@@ -19,7 +19,7 @@ import torch
 from .errors import ConfigError
 
 BLOCK = 64
-DEQUANT_DTYPE = torch.float16  # bitsandbytes' CPU kernel is fastest writing 16-bit; copied on to the compute dtype
+DEQUANT_DTYPE = torch.float16  # a fresh result's dtype when no ``out`` is given (the layer slots always give one)
 
 
 def _bnb():
@@ -70,7 +70,9 @@ def dequantize_nf4(
     packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The (shape) weight from its packed bytes and block absmax: in :data:`DEQUANT_DTYPE`, or
-    written straight into ``out`` (its dtype) when given -- on a GPU, the parameter itself."""
+    written straight into ``out`` (its dtype) when given -- the layer slot's parameter itself."""
+    if out is not None and out.device.type == "cpu" and _dequantize_into_on_cpu(packed, absmax, out):
+        return out
     functional = _bnb()
     device = packed.device
     if device not in _CODES:
@@ -83,10 +85,46 @@ def dequantize_nf4(
         quant_type="nf4",
         dtype=out.dtype if out is not None else DEQUANT_DTYPE,
     )
+    if out is not None and out.device.type == "cpu":  # bitsandbytes' CPU op takes no ``out``
+        return out.copy_(functional.dequantize_4bit(packed.view(-1, 1), state))
     return functional.dequantize_4bit(packed.view(-1, 1), state, out=out)
 
 
+_CPU_KERNELS = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32", torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16",
+                torch.float16: "cdequantize_blockwise_cpu_nf4_fp16"}
+
+
+def _dequantize_into_on_cpu(packed: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> bool:
+    """bitsandbytes' CPU NF4 kernel writing ``out`` in place; False where it cannot (then the op is used).
+
+    The registered CPU op allocates its result, which costs more than the kernel: for an
+    8960x1536 matrix the kernel alone into a float32 parameter takes 8 ms, the op into a fresh
+    16-bit tensor plus the copy 16-22 ms (one thread; benchmarks/nf4_dequant.py).
+    """
+    import ctypes
+
+    try:
+        from bitsandbytes.cextension import lib
+
+        kernel = getattr(lib, _CPU_KERNELS[out.dtype])
+    except (ImportError, AttributeError, KeyError):  # another bitsandbytes build: the op still works
+        return False
+    rows, columns = (out.shape[0] if out.dim() == 2 else 1), out.shape[-1]
+    if (
+        out.dim() > 2 or columns % 2 or not out.is_contiguous() or packed.dtype != torch.uint8
+        or packed.numel() * 2 != out.numel() or absmax.dtype != torch.float32 or absmax.numel() != -(-out.numel() // BLOCK)
+    ):
+        return False
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    kernel(
+        ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_longlong(BLOCK), ctypes.c_longlong(rows), ctypes.c_longlong(columns),
+    )
+    return True
+
+
 def roundtrip_nf4(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as the 4-bit store gives it back (for tests and quality checks)."""
+    """``weight`` as the 4-bit store gives it back into a float32 layer (for tests and quality checks)."""
     packed, absmax = quantize_nf4(weight)
-    return dequantize_nf4(packed, absmax, tuple(weight.shape)).to(weight.dtype)
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    return dequantize_nf4(packed, absmax, tuple(weight.shape), out=out).to(weight.dtype)

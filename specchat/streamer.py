@@ -56,7 +56,7 @@ class ReadBuffer:
         with torch.no_grad():
             for param, stored in zip(slot.params, self.views):
                 if isinstance(stored, tuple):  # NF4: (packed (n/2,) uint8, absmax (n/64,) float32)
-                    param.copy_(dequantize_nf4(*stored, tuple(param.shape)))
+                    dequantize_nf4(*stored, tuple(param.shape), out=param.data)
                 else:
                     param.copy_(stored)  # (shape) 16-bit -> compute dtype
 

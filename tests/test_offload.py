@@ -318,3 +318,22 @@ def test_a_tied_or_float32_embedding_stays_as_it_was(model_dir):
     from specchat.lm import UpcastEmbedding
 
     assert not isinstance(load_resident(model_dir, torch.float32).lm.embed_tokens, UpcastEmbedding)  # float32 checkpoint
+
+
+def test_nf4_into_a_float32_parameter_equals_bitsandbytes_float32_op(monkeypatch):
+    from specchat import quant4
+
+    weight = torch.randn(96, 128)
+    packed, absmax = quant4.quantize_nf4(weight)
+    functional = quant4._bnb()
+    state = functional.QuantState(
+        absmax=absmax, shape=weight.shape, code=functional.get_4bit_type("nf4", device="cpu"), blocksize=64,
+        quant_type="nf4", dtype=torch.float32,
+    )
+    expected = functional.dequantize_4bit(packed.view(-1, 1), state)
+    into = torch.full(weight.shape, float("nan"))
+    assert quant4.dequantize_nf4(packed, absmax, tuple(weight.shape), out=into) is into
+    assert torch.equal(into, expected)
+    monkeypatch.setattr(quant4, "_CPU_KERNELS", {})  # a bitsandbytes without the kernel: the op, then a copy
+    fallback = torch.full(weight.shape, float("nan"))
+    assert torch.equal(quant4.dequantize_nf4(packed, absmax, tuple(weight.shape), out=fallback), expected)
