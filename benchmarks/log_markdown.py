@@ -23,8 +23,8 @@ def main(path: str) -> None:
     bandwidth = log.stream_bytes_per_s
     print(f"{len(prompts)} prompts complete; stream {bandwidth / 1e9:.2f} GB/s" if bandwidth else f"{len(prompts)} prompts complete")
     print()
-    print("| method | budget | temp | tok/pass | tok/s | vs AR | per-prompt vs AR (min-max) | target s/pass | draft s/pass | MB read/pass | of limit |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| method | budget | temp | nodes/pass | tok/pass | tok/s | vs AR | per-prompt vs AR (min-max) | target s/pass | draft s/pass | MB read/pass | of limit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         key = (row.method, row.budget, row.temperature)
         spread = _per_prompt_spread(log, prompts, key)
@@ -32,11 +32,18 @@ def main(path: str) -> None:
         budget = "auto" if row.budget == AUTO else ("-" if row.method == "ar" else str(row.budget))
         ratio = ratios.get(key)
         print(
-            f"| {row.method} | {budget} | {row.temperature:g} | {row.tokens_per_pass:.2f} | {row.tokens_per_s:.2f} | "
+            f"| {row.method} | {budget} | {row.temperature:g} | {_nodes(row)} | {row.tokens_per_pass:.2f} | {row.tokens_per_s:.2f} | "
             f"{f'{ratio:.2f}x' if ratio else '-'} | {spread} | {row.per_pass('target_s'):.2f} | "
             f"{row.per_pass('draft_s'):.2f} | {row.per_pass('decode_read_bytes') / 1e6:.0f} | "
             f"{f'{row.tokens_per_s / limit:.0%}' if limit else '-'} |"
         )
+
+
+def _nodes(row) -> str:
+    """Mean tree nodes verified per pass ("?" for runs logged before session 5, which did not record it)."""
+    if row.method == "ar":
+        return "-"
+    return f"{row.per_pass('tree_nodes'):.0f}" if all(s.tree_nodes for s in row.runs) else "?"
 
 
 def _rate(stats) -> float:

@@ -30,6 +30,7 @@ class BenchConfig:
     top_p: float
     max_new_tokens: int
     seed: int
+    fill_budget: bool = False  # SpecExec trees always grow to the budget (no adaptive stop): tok/pass at a fixed tree size
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Row:
             "tokens_per_s": self.tokens_per_s,
             "target_s_per_pass": self.per_pass("target_s"),
             "draft_s_per_pass": self.per_pass("draft_s"),
+            "tree_nodes_per_pass": self.per_pass("tree_nodes"),
             "read_bytes_per_pass": self.per_pass("decode_read_bytes"),
         }
 
@@ -144,6 +146,7 @@ def run_bench(
                 top_p=bench.top_p if temperature > 0 else 1.0,
                 seed=bench.seed + index,
                 max_new_tokens=bench.max_new_tokens,
+                adaptive=base.adaptive and not bench.fill_budget,
             )
             try:
                 done = [e for e in engine.generate(prompt_ids, config) if isinstance(e, DoneEvent)][-1]

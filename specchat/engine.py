@@ -121,6 +121,7 @@ class Engine:
             stream = TextStream(self.tokenizer, config.stop)
             new_ids: list[int] = []
             passes, draft_total, target_total, finish = 0, 0.0, 0.0, "length"
+            tree_nodes = 0
             tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
             while len(new_ids) < budget:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
@@ -128,6 +129,7 @@ class Engine:
                 if tuner:
                     tuner.observe(pass_config.budget, len(drawn), draft_s, target_s)
                 passes += 1
+                tree_nodes += tree_size
                 draft_total += draft_s
                 target_total += target_s
                 drawn, finish = self._trim(drawn, budget - len(new_ids))
@@ -161,6 +163,7 @@ class Engine:
                 disk_read_bytes=disk_read_bytes() - start_bytes,
                 decode_read_bytes=disk_read_bytes() - decode_start_bytes,
                 finish_reason=finish,
+                tree_nodes=tree_nodes,
             )
             yield DoneEvent(stream.text, tuple(new_ids), stats)
         finally:

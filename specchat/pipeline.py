@@ -213,7 +213,7 @@ def store_dtype_for(quant: str, target_dir: Path) -> str:
 
 
 def resolve_quant(quant: str, offload_mode: str) -> str:
-    """``--quant auto``: 16-bit, the target's own outputs (see docs/benchmarks.md for why not 4-bit on a CPU)."""
+    """``--quant auto``: 16-bit, the target's own outputs (4-bit NF4 is faster to stream but a different model)."""
     return "16bit" if quant == "auto" else quant
 
 

@@ -15,7 +15,7 @@ from .bench import AUTO, Row, physical_limit, ratios_to_ar
 def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None, stream_measured: str | None = None) -> None:
     ratios = ratios_to_ar(rows)
     table = Table(title="specchat bench", title_justify="left")
-    headers = ("method", "budget", "temp", "prompts", "tok/pass", "tok/s", "vs AR", "target s/pass", "draft s/pass", "MB read/pass", "limit tok/s", "of limit")
+    headers = ("method", "budget", "temp", "prompts", "nodes/pass", "tok/pass", "tok/s", "vs AR", "target s/pass", "draft s/pass", "MB read/pass", "limit tok/s", "of limit")
     for header in headers:
         table.add_column(header, justify="left" if header == "method" else "right")
     for row in rows:
@@ -25,6 +25,7 @@ def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None =
             ("auto" if row.budget == AUTO else str(row.budget)) if row.method != "ar" else "-",
             f"{row.temperature:g}",
             str(len(row.runs)),
+            f"{row.per_pass('tree_nodes'):.0f}" if row.total("tree_nodes") else "-",  # (not logged before session 5)
             f"{row.tokens_per_pass:.2f}",
             f"{row.tokens_per_s:.2f}",
             f"{ratio:.2f}x" if ratio is not None else "-",

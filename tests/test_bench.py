@@ -214,3 +214,20 @@ def test_a_fixed_budget_sweep_calibrates_for_the_auto_draft_width_only(tiny_dirs
     result = runner.invoke(app, [*_bench_args(tiny_dirs, prompts, "--n", "1", "--json"), *extra])
     assert result.exit_code == 0, result.stderr
     assert ("measuring pass times" in result.stderr) == calibrates  # the same step costs for every run of the sweep
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_bench_reports_tree_nodes_per_pass_and_fill_budget_grows_full_trees(tiny_dirs, tmp_path, fill):
+    log = tmp_path / "b.jsonl"
+    result = runner.invoke(app, [
+        "bench", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--n", "2", "--budgets", "8,24",
+        "--temperatures", "0", "--methods", "specexec,ar", "--max-new-tokens", "12", "--json", "--log", str(log),
+        *(["--fill-budget"] if fill else []),
+    ])
+    assert result.exit_code == 0, result.stderr
+    nodes = {(r["method"], r["budget"]): r["tree_nodes_per_pass"] for r in json.loads(result.stdout)["rows"]}
+    assert nodes[("ar", 0)] == 0
+    for budget in (8, 24):
+        assert (nodes[("specexec", budget)] == budget) if fill else (0 < nodes[("specexec", budget)] <= budget)
+    setup = json.loads(log.read_text().splitlines()[0])["setup"]
+    assert setup.get("fill_budget", False) is fill  # so a log resumes only with the same setting
