@@ -43,7 +43,7 @@ def _nodes(row) -> str:
     """Mean tree nodes verified per pass ("?" for runs logged before session 5, which did not record it)."""
     if row.method == "ar":
         return "-"
-    return f"{row.per_pass('tree_nodes'):.0f}" if all(s.tree_nodes for s in row.runs) else "?"
+    return f"{row.tree_nodes_per_pass:.0f}" if row.tree_nodes_per_pass is not None else "?"
 
 
 def _rate(stats) -> float:

@@ -63,6 +63,13 @@ class Row:
         decode = self.total("wall_s") - self.total("prefill_s")
         return self.total("new_tokens") / max(decode, 1e-9)
 
+    @property
+    def tree_nodes_per_pass(self) -> float | None:
+        """None for AR, and where a run was logged before tree sizes were (session 5)."""
+        if self.method == "ar" or not all(stats.tree_nodes for stats in self.runs):
+            return None
+        return self.per_pass("tree_nodes")
+
     def per_pass(self, name: str) -> float:
         return self.total(name) / max(self.total("target_passes"), 1)
 
@@ -78,7 +85,7 @@ class Row:
             "tokens_per_s": self.tokens_per_s,
             "target_s_per_pass": self.per_pass("target_s"),
             "draft_s_per_pass": self.per_pass("draft_s"),
-            "tree_nodes_per_pass": self.per_pass("tree_nodes"),
+            "tree_nodes_per_pass": self.tree_nodes_per_pass,
             "read_bytes_per_pass": self.per_pass("decode_read_bytes"),
         }
 

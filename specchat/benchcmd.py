@@ -188,7 +188,7 @@ def _resolved_setup(pipeline, settings: RunConfig, bench: BenchConfig) -> dict:
         "prompts": len(bench.prompts),
         "max_new_tokens": bench.max_new_tokens,
         "top_p": bench.top_p,
-    }
+    } | ({"fill_budget": True} if bench.fill_budget else {})
 
 
 def _without_draft(settings: RunConfig) -> RunConfig:

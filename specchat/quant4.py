@@ -86,7 +86,7 @@ def dequantize_nf4(
         dtype=out.dtype if out is not None else DEQUANT_DTYPE,
     )
     if out is not None and out.device.type == "cpu":  # bitsandbytes' CPU op takes no ``out``
-        return out.copy_(functional.dequantize_4bit(packed.view(-1, 1), state))
+        return out.copy_(functional.dequantize_4bit(packed.view(-1, 1), state).view(out.shape))  # (1-D comes back (1, n))
     return functional.dequantize_4bit(packed.view(-1, 1), state, out=out)
 
 
@@ -105,13 +105,19 @@ def _dequantize_into_on_cpu(packed: torch.Tensor, absmax: torch.Tensor, out: tor
 
     try:
         from bitsandbytes.cextension import lib
-
-        kernel = getattr(lib, _CPU_KERNELS[out.dtype])
-    except (ImportError, AttributeError, KeyError):  # another bitsandbytes build: the op still works
+    except ImportError:
+        return False
+    # The library wrapper answers any missing symbol with a function that raises: look in the
+    # loaded CDLL itself (absent when the native library failed to load), else use the op.
+    kernel = getattr(getattr(lib, "_lib", None), _CPU_KERNELS.get(out.dtype, ""), None)
+    if kernel is None:
         return False
     rows, columns = (out.shape[0] if out.dim() == 2 else 1), out.shape[-1]
+    if columns % BLOCK:  # blocks run across rows: the AVX-512 path indexes absmax per row, so pass one flat row
+        rows, columns = 1, out.numel()
     if (
         out.dim() > 2 or columns % 2 or not out.is_contiguous() or packed.dtype != torch.uint8
+        or packed.device.type != "cpu" or absmax.device.type != "cpu"
         or packed.numel() * 2 != out.numel() or absmax.dtype != torch.float32 or absmax.numel() != -(-out.numel() // BLOCK)
     ):
         return False

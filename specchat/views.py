@@ -25,7 +25,7 @@ def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None =
             ("auto" if row.budget == AUTO else str(row.budget)) if row.method != "ar" else "-",
             f"{row.temperature:g}",
             str(len(row.runs)),
-            f"{row.per_pass('tree_nodes'):.0f}" if row.total("tree_nodes") else "-",  # (not logged before session 5)
+            f"{row.tree_nodes_per_pass:.0f}" if row.tree_nodes_per_pass is not None else "-",
             f"{row.tokens_per_pass:.2f}",
             f"{row.tokens_per_s:.2f}",
             f"{ratio:.2f}x" if ratio is not None else "-",

@@ -320,17 +320,18 @@ def test_a_tied_or_float32_embedding_stays_as_it_was(model_dir):
     assert not isinstance(load_resident(model_dir, torch.float32).lm.embed_tokens, UpcastEmbedding)  # float32 checkpoint
 
 
-def test_nf4_into_a_float32_parameter_equals_bitsandbytes_float32_op(monkeypatch):
+@pytest.mark.parametrize("shape", [(96, 128), (64, 32), (4096,)])  # rows of 32: blocks span rows
+def test_nf4_into_a_float32_parameter_equals_bitsandbytes_float32_op(monkeypatch, shape):
     from specchat import quant4
 
-    weight = torch.randn(96, 128)
+    weight = torch.randn(shape)
     packed, absmax = quant4.quantize_nf4(weight)
     functional = quant4._bnb()
     state = functional.QuantState(
         absmax=absmax, shape=weight.shape, code=functional.get_4bit_type("nf4", device="cpu"), blocksize=64,
         quant_type="nf4", dtype=torch.float32,
     )
-    expected = functional.dequantize_4bit(packed.view(-1, 1), state)
+    expected = functional.dequantize_4bit(packed.view(-1, 1), state).view(shape)  # (the op returns 1-D as (1, n))
     into = torch.full(weight.shape, float("nan"))
     assert quant4.dequantize_nf4(packed, absmax, tuple(weight.shape), out=into) is into
     assert torch.equal(into, expected)
