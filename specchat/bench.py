@@ -30,7 +30,7 @@ class BenchConfig:
     top_p: float
     max_new_tokens: int
     seed: int
-    fill_budget: bool = False  # SpecExec trees always grow to the budget (no adaptive stop): tok/pass at a fixed tree size
+    full_growth: bool = False  # SpecExec: grow until the tree is the draft's best K nodes (no adaptive stop)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def run_bench(
                 top_p=bench.top_p if temperature > 0 else 1.0,
                 seed=bench.seed + index,
                 max_new_tokens=bench.max_new_tokens,
-                adaptive=base.adaptive and not bench.fill_budget,
+                adaptive=base.adaptive and not bench.full_growth,
             )
             try:
                 done = [e for e in engine.generate(prompt_ids, config) if isinstance(e, DoneEvent)][-1]

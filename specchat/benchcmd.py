@@ -39,7 +39,7 @@ def run_bench_command(
     seed: int,
     output: BenchOutput,
     calibrate: bool = False,
-    fill_budget: bool = False,
+    full_growth: bool = False,
 ) -> None:
     if not methods or not temperatures:
         raise ConfigError("--methods and --temperatures need at least one value")
@@ -59,7 +59,7 @@ def run_bench_command(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     _check_plot_backend(output.plot)
-    bench = BenchConfig(load_prompts(prompts_file, n), methods, budgets, temperatures, top_p, max_new_tokens, seed, fill_budget)
+    bench = BenchConfig(load_prompts(prompts_file, n), methods, budgets, temperatures, top_p, max_new_tokens, seed, full_growth)
     keys = configurations(bench)
     log = LogWriter(output.log, _log_setup(settings, bench), keys) if output.log else None
     skip = frozenset(log.done_prompts()) if log else frozenset()
@@ -163,8 +163,8 @@ def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
     device = resolve_device(settings.device).type
     if device != "cpu":  # (absent on a CPU, so that the logs of earlier sessions still resume)
         setup["device"] = device
-    if bench.fill_budget:  # (absent when off, likewise)
-        setup["fill_budget"] = True
+    if bench.full_growth:  # (absent when off, likewise)
+        setup["full_growth"] = True
     return setup
 
 
@@ -188,7 +188,7 @@ def _resolved_setup(pipeline, settings: RunConfig, bench: BenchConfig) -> dict:
         "prompts": len(bench.prompts),
         "max_new_tokens": bench.max_new_tokens,
         "top_p": bench.top_p,
-    } | ({"fill_budget": True} if bench.fill_budget else {})
+    } | ({"full_growth": True} if bench.full_growth else {})
 
 
 def _without_draft(settings: RunConfig) -> RunConfig:

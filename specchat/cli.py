@@ -241,7 +241,7 @@ def bench(
     draft_batch: DraftBatchOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Re-measure the cost model behind --budget auto first.")] = False,
-    fill_budget: Annotated[bool, typer.Option("--fill-budget", help="Grow every SpecExec tree to its full budget (no adaptive stop): tokens per pass at a fixed tree size.")] = False,
+    full_growth: Annotated[bool, typer.Option("--full-growth", help="SpecExec: grow each tree until its nodes are the draft's best (no adaptive stop; drafting gets slower): what the stop costs in tokens per pass.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw tokens/pass and tokens/s vs. budget to this .png/.svg/.pdf (needs matplotlib: the plot extra).")] = None,
     log: Annotated[Optional[Path], typer.Option("--log", help="Append every run to this JSONL file; an existing log of the same benchmark is resumed.")] = None,
     from_log: Annotated[Optional[Path], typer.Option("--from-log", help="Run nothing: render the prompts a --log file completed.")] = None,
@@ -272,7 +272,7 @@ def bench(
             seed=seed,
             output=output,
             calibrate=calibrate,
-            fill_budget=fill_budget,
+            full_growth=full_growth,
         )
 
 

@@ -216,18 +216,44 @@ def test_a_fixed_budget_sweep_calibrates_for_the_auto_draft_width_only(tiny_dirs
     assert ("measuring pass times" in result.stderr) == calibrates  # the same step costs for every run of the sweep
 
 
-@pytest.mark.parametrize("fill", [True, False])
-def test_bench_reports_tree_nodes_per_pass_and_fill_budget_grows_full_trees(tiny_dirs, tmp_path, fill):
+@pytest.mark.parametrize("full", [True, False])
+def test_bench_reports_tree_nodes_per_pass_and_logs_full_growth(tiny_dirs, tmp_path, full):
     log = tmp_path / "b.jsonl"
     result = runner.invoke(app, [
         "bench", "--model", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft"]), "--n", "2", "--budgets", "8,24",
         "--temperatures", "0", "--methods", "specexec,ar", "--max-new-tokens", "12", "--json", "--log", str(log),
-        *(["--fill-budget"] if fill else []),
+        *(["--full-growth"] if full else []),
     ])
     assert result.exit_code == 0, result.stderr
     nodes = {(r["method"], r["budget"]): r["tree_nodes_per_pass"] for r in json.loads(result.stdout)["rows"]}
-    assert nodes[("ar", 0)] is None
-    for budget in (8, 24):
-        assert (nodes[("specexec", budget)] == budget) if fill else (0 < nodes[("specexec", budget)] <= budget)
+    # The root's first expansion already offers K children: every tree has K nodes, stop or no stop.
+    assert nodes == {("specexec", 8): 8, ("specexec", 24): 24, ("ar", 0): None}
     setup = json.loads(log.read_text().splitlines()[0])["setup"]
-    assert setup.get("fill_budget", False) is fill  # so a log resumes only with the same setting
+    assert setup.get("full_growth", False) is full  # so a log resumes only with the same setting
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_full_growth_turns_the_adaptive_stop_off(full):
+    from specchat.bench import BenchConfig, run_bench
+    from specchat.engine import GenerationConfig
+    from specchat.events import DoneEvent, GenerationStats
+
+    seen = []
+
+    class Engine:
+        def reset(self):
+            pass
+
+        def generate(self, ids, config):
+            seen.append((config.method, config.adaptive))
+            yield DoneEvent("", (1,), GenerationStats(config.method, config.budget, 1, 1, 1, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0, 0, "length"))
+
+    class Pipeline:
+        engine = Engine()
+
+        def encode_chat(self, messages):
+            return [1, 2]
+
+    bench = BenchConfig(("a",), ("specexec", "ar"), (8,), (0.0,), 1.0, 4, 0, full_growth=full)
+    run_bench(Pipeline(), bench, GenerationConfig(), on_run=lambda record: None)
+    assert seen == [("specexec", not full), ("ar", not full)]
