@@ -10,12 +10,12 @@ draft's tokens.
 Then passes are replayed along that continuation for idealised trees:
   chain        the draft's greedy chain, unlimited length: a pass accepts the run of
                positions where the target's token is the draft's top-1;
-  tau = 1/k    a tree holding *every* node whose cumulative draft probability from the pass's
-               root is >= tau: a pass accepts positions while the product of their q_i stays
-               >= tau.  At one depth at most 1/tau nodes can reach tau (probabilities sum to
-               1), so such a tree has up to (depth x k) nodes -- far more than a budget of k
-               when it is deep.  A best-first tree of k nodes (SpecExec) holds the likeliest
-               k, a subset, so tau = 1/k is an upper bound on what budget k can accept.
+  q >= 1/k     a tree holding every path whose cumulative draft probability from the pass's
+               root is >= 1/k: a pass accepts positions while the product of their q_i stays
+               >= 1/k.  How many nodes such a tree has is not computed (it needs the draft's
+               whole expansion); the rows show how deep into improbable paths a tree must
+               reach for a given number of tokens per pass, to set beside what the real
+               K-node trees accept (docs/benchmarks.md).
 Each pass also yields the target's own next token (+1), as in the engine; depth is capped at 32.
 """
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--taus", default="16,64,256,1024,4096", help="k values: tau = 1/k")
+    parser.add_argument("--taus", default="16,256,4096,65536,1048576,16777216", help="k values: paths down to 1/k")
     args = parser.parse_args()
     ks = [int(k) for k in args.taus.split(",")]
     config = RunConfig(model="demo-1.5b", draft="demo-0.5b", quant="16bit", offload="none", method="ar")
@@ -97,7 +97,7 @@ def main() -> None:
     print("\n| idealised tree | tok/pass (all tokens / all passes) | per prompt: median | max |")
     print("|---|---:|---:|---:|")
     for name, passes in results.items():
-        label = "greedy chain, any length" if name == "chain" else f"every node with cumulative q >= {name}"
+        label = "greedy chain, any length" if name == "chain" else f"every path with cumulative q >= {name}"
         per_prompt = [n / p for n, p in zip(lengths, passes)]
         print(f"| {label} | {sum(lengths) / sum(passes):.2f} | {statistics.median(per_prompt):.2f} | {max(per_prompt):.2f} |")
 
