@@ -132,9 +132,8 @@ def quantize_int8(lm: LayeredLM) -> LayeredLM:
             if isinstance(module, WeightLeftLinear):
                 module.__class__ = nn.Linear
         quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        head = quantize_dynamic(nn.Sequential(lm.lm_head), {nn.Linear}, dtype=torch.qint8)
+        lm.lm_head = _int8_copy(lm.lm_head)  # a copy: a tied head leaves the embedding table as it is
     lm.layer_source = ResidentLayers(layers)
-    lm.lm_head = head[0]
     return lm
 
 

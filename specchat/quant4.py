@@ -98,8 +98,8 @@ def _dequantize_into_on_cpu(packed: torch.Tensor, absmax: torch.Tensor, out: tor
     """bitsandbytes' CPU NF4 kernel writing ``out`` in place; False where it cannot (then the op is used).
 
     The registered CPU op allocates its result, which costs more than the kernel: for an
-    8960x1536 matrix the kernel alone into a float32 parameter takes 8 ms, the op into a fresh
-    16-bit tensor plus the copy 16-22 ms (one thread; benchmarks/nf4_dequant.py).
+    8960x1536 matrix the kernel alone into a float32 parameter takes 9.5 ms, the op into a fresh
+    16-bit tensor plus the copy 21.6 ms (one thread; benchmarks/nf4_dequant.py).
     """
     import ctypes
 
