@@ -43,8 +43,13 @@ class KVCache:
     # -- what the engine calls ---------------------------------------------------
     @property
     def length(self) -> int:
-        """Number of cached positions (all layers agree between forwards)."""
-        return self._lengths[0]
+        """Number of positions valid in every layer.
+
+        All layers agree between forwards.  A forward interrupted between layers
+        (Ctrl-C during a streamed pass) leaves the first layers longer; only the
+        shortest length is valid everywhere, so that is what rollback starts from.
+        """
+        return min(self._lengths)
 
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` positions."""

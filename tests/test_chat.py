@@ -19,6 +19,7 @@ from specchat.config import RunConfig
 from specchat.engine import Engine, GenerationConfig
 from specchat.errors import InputError
 from specchat.events import DoneEvent
+from specchat.lm import causal_visibility
 from specchat.pipeline import load_pipeline
 from specchat.repl import Repl
 
@@ -124,6 +125,56 @@ def test_ctrl_c_mid_reply_a_hundred_times_keeps_caches_and_history_consistent(pi
         if len(session.messages) > 12:
             session.reset()
     pipeline.engine.target = wrapper.inner
+    history = session.conversation()
+    reply = say(session, "deep calm")
+    assert reply.text == fresh_reply(pipeline, history + [{"role": "user", "content": "deep calm"}], session.settings)
+
+
+class InterruptingCache:
+    """A cache whose chosen layer raises KeyboardInterrupt: Ctrl-C inside a forward, between layers."""
+
+    def __init__(self, inner, layer):
+        self.inner, self.layer = inner, layer
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == self.layer:
+            raise KeyboardInterrupt
+        return self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class InterruptingInsideModel(InterruptingModel):
+    def forward(self, input_ids, positions, visible, cache, **kwargs):
+        self.calls += 1
+        if self.fire_at is not None and self.calls == self.fire_at:
+            self.fire_at = None
+            cache = InterruptingCache(cache, layer=1)
+        return self.inner.forward(input_ids, positions, visible, cache, **kwargs)
+
+
+@pytest.mark.parametrize("fire_offset", [1, 2, 3])  # the prefill, the first and a later pass
+def test_ctrl_c_inside_a_forward_between_layers_leaves_no_stale_slots(pipeline, fire_offset):
+    assert pipeline.engine.target.num_layers >= 2
+    wrapper = InterruptingInsideModel(pipeline.engine.target)
+    pipeline.engine.target = wrapper
+    session = new_session(pipeline)
+    say(session, "the blue sea")
+    wrapper.fire_at = wrapper.calls + fire_offset
+    repl = Repl(session, Console(file=io.StringIO(), force_terminal=False), lambda: "")
+    repl._reply("a calm tide and the deep sand under it")
+    assert session.messages[-1]["interrupted"] is True
+    engine = pipeline.engine
+    pipeline.engine.target = wrapper.inner
+    cache = engine.target_cache
+    n = cache.length
+    assert n <= len(engine.tokens) - 1
+    fresh = engine.target.new_cache()
+    engine.target.forward(torch.tensor(engine.tokens[:n]), torch.arange(n), causal_visibility(0, n), fresh)
+    for layer in range(engine.target.num_layers):  # every slot the cache calls valid is the true one
+        assert torch.allclose(cache._keys[layer][:, :, :n], fresh._keys[layer][:, :, :n], atol=1e-5)
+        assert torch.allclose(cache._values[layer][:, :, :n], fresh._values[layer][:, :, :n], atol=1e-5)
     history = session.conversation()
     reply = say(session, "deep calm")
     assert reply.text == fresh_reply(pipeline, history + [{"role": "user", "content": "deep calm"}], session.settings)

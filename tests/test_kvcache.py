@@ -49,6 +49,18 @@ def test_crop_rolls_back_and_appends_after():
     assert _keys(cache) == [1, 2, 7]
 
 
+def test_a_forward_interrupted_between_layers_counts_only_what_every_layer_holds():
+    cache = KVCache(num_layers=3)
+    _fill(cache, [1, 2], layers=3)
+    t = torch.tensor([5.0, 6.0], dtype=torch.float64).view(1, 1, -1, 1)
+    cache.update(t, -t, 0)  # Ctrl-C after layer 0 of the next forward
+    assert cache.length == 2
+    cache.crop(cache.length)  # what the engine's rollback does
+    _fill(cache, [7], layers=3)
+    for layer in range(3):
+        assert _keys(cache, layer) == [1, 2, 7]
+
+
 @pytest.mark.parametrize("length", [-1, 5])
 def test_crop_out_of_range_is_refused(length):
     cache = KVCache(num_layers=1)
