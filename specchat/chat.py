@@ -12,6 +12,7 @@ what its caches hold, so a turn prefills only the new message and template glue.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .engine import METHODS, GenerationConfig
+from .engine import METHODS, EngineError, GenerationConfig
 from .errors import InputError
 from .events import DoneEvent, Event, GenerationStats, TextEvent
 
@@ -72,7 +73,14 @@ class ChatSession:
         self.last_pass_sizes = []
         finished = False
         try:
-            for event in self.pipeline.engine.generate(prompt_ids, self.settings):
+            events = self.pipeline.engine.generate(prompt_ids, self.settings)
+            try:
+                first = next(events)  # the engine checks the request before it replies
+            except EngineError as exc:
+                finished = True  # nothing was said: forget the message rather than keep half a turn
+                self.messages.pop()
+                raise InputError(f"cannot reply: {exc}", "change the setting with /set; the conversation is kept") from exc
+            for event in itertools.chain([first], events):
                 if isinstance(event, TextEvent):
                     partial.append(event.text)
                     self.last_pass_sizes.append(len(event.token_ids))
@@ -90,13 +98,15 @@ class ChatSession:
         """Drop the oldest turns (never the system prompt) until the prompt and a reply fit."""
         limit = self.pipeline.engine.target.max_context - self.settings.max_depth - 1
         reserve = min(self.settings.max_new_tokens, limit // 2)
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        alone = head + [{"role": "user", "content": self.messages[-1]["content"]}]
+        if len(self.pipeline.encode_chat(alone)) + reserve > limit:  # checked before dropping any history
+            self.messages.pop()
+            raise InputError(
+                "the message is longer than the model's context", "send a shorter message; the conversation is kept"
+            )
         dropped = 0
         while len(self.pipeline.encode_chat(self.conversation())) + reserve > limit:
-            if len(self.messages) <= 1:
-                self.messages.pop()
-                raise InputError(
-                    "the message is longer than the model's context", "send a shorter message"
-                )
             del self.messages[: 2 if self.messages[1]["role"] == "assistant" else 1]
             dropped += 1
         if dropped:
@@ -210,13 +220,30 @@ def save_session(session: ChatSession, path: Path) -> None:
         "draft": session.pipeline.draft_name,
         "system": session.system,
         "messages": session.messages,
-        "settings": {name: getattr(session.settings, f) for name, f in SETTABLE.items()},
+        "settings": _saved_settings(session.settings),
     }
+    try:
+        _write_private(path, json.dumps(payload, indent=1))
+    except OSError as exc:
+        raise InputError(
+            f"cannot save the session to {path}: {exc.strerror or exc}", "choose another path; the conversation is still here"
+        ) from exc
+
+
+def _saved_settings(settings: GenerationConfig) -> dict:
+    saved = {name: getattr(settings, f) for name, f in SETTABLE.items()}
+    if settings.auto_budget:
+        saved["budget"] = "auto"
+    return saved
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomic write (temp file + rename), mode 0600: the old file stays whole until the new one is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp, 0o600)
@@ -224,6 +251,19 @@ def save_session(session: ChatSession, path: Path) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _loaded_settings(session: ChatSession, saved: dict) -> GenerationConfig:
+    """The session's settings with the saved ones applied (a method this chat cannot run stays as it is)."""
+    settings = {SETTABLE[k]: v for k, v in saved.items() if k in SETTABLE}
+    if settings.get("method", "ar") != "ar" and session.pipeline.engine.draft is None:
+        del settings["method"]  # saved with a draft; this chat runs without one
+    if settings.get("budget") == "auto":
+        del settings["budget"]
+        settings["auto_budget"] = True
+    elif "budget" in settings:
+        settings["auto_budget"] = False
+    return replace(session.settings, **settings)
 
 
 def load_session(session: ChatSession, path: Path) -> None:
@@ -235,8 +275,7 @@ def load_session(session: ChatSession, path: Path) -> None:
             isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
             for m in messages
         )
-        settings = {SETTABLE[k]: v for k, v in payload.get("settings", {}).items() if k in SETTABLE}
-        new_settings = replace(session.settings, **settings)
+        new_settings = _loaded_settings(session, payload.get("settings", {}))
         system = payload.get("system")
         if not ok or not (system is None or isinstance(system, str)):
             raise ValueError("unexpected structure")

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from .chat import ChatSession, load_session
 from .config import RunConfig
+from .errors import InputError
 from .oneshot import stderr_progress
 from .paths import state_dir
 from .pipeline import load_pipeline
@@ -30,6 +31,8 @@ def _load(settings: RunConfig):
 
 
 def run_chat(settings: RunConfig, resume: Path | None) -> None:
+    if resume is not None and not resume.is_file():  # before minutes of loading, not after
+        raise InputError(f"session file {resume} does not exist", "give the path that /save printed")
     pipeline = _load(settings)
     stderr_progress(pipeline.draft_reason)
     session = ChatSession(pipeline, settings.generation(), system=settings.system)

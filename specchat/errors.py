@@ -23,6 +23,10 @@ class ModelNotFound(SpecchatError):
     pass
 
 
+class IncompleteModel(ModelNotFound):
+    """Part of the model is here (an interrupted download): setup resumes it."""
+
+
 class CorruptModel(SpecchatError):
     pass
 

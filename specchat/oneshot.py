@@ -82,7 +82,7 @@ def run_oneshot(
 def _json_stats(stats) -> dict:
     keys = (
         "method", "budget", "new_tokens", "target_passes", "tokens_per_pass", "tokens_per_s",
-        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes",
+        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes", "finish_reason",
     )
     values = stats.to_dict()
     return {key: values[key] for key in keys}

@@ -17,7 +17,7 @@ from .oneshot import stderr_progress
 from .paths import cache_dir, config_file
 from .pipeline import compute_dtype_for, gpu_plan, resident_bytes, resolve_device, resolve_quant, store_dtype_for, stored_dtype
 from .registry import ModelEntry, load_registry
-from .sources import ModelRef, materialize, parse_model_spec
+from .sources import HUB_FILE_PATTERNS, ModelRef, materialize, parse_model_spec
 from .store import build_store, store_dir_for
 from .offload import plan_offload
 
@@ -36,11 +36,12 @@ def download(ref: ModelRef, progress) -> Path:
         )
     progress(f"downloading {ref.hub_id} (resumes where it stopped)")
     try:
-        path = snapshot_download(
-            ref.hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-        )
+        path = snapshot_download(ref.hub_id, allow_patterns=list(HUB_FILE_PATTERNS))
     except (HfHubHTTPError, OSError) as exc:
-        raise ModelNotFound(f"cannot download {ref.hub_id}: {exc}", "check the name and your network, then run setup again") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(
+            f"cannot download {ref.hub_id}: {reason}", "check the name and your network, then run setup again (it resumes)"
+        ) from exc
     return Path(path)
 
 
@@ -88,7 +89,10 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
     ref = parse_model_spec(model, registry)
     interactive = sys.stdin.isatty() and not yes
     if interactive and ref.kind in ("registry", "hub") and ref.entry and ref.entry.hub:
-        answer = input(f"set up {ref.display} ({ref.entry.bytes_at(16) / 1e9:.1f} GB at 16-bit)? [Y/n] ")
+        try:
+            answer = input(f"set up {ref.display} ({ref.entry.bytes_at(16) / 1e9:.1f} GB at 16-bit)? [Y/n] ")
+        except EOFError:  # Ctrl-D: no answer is no
+            answer = "n"
         if answer.strip().lower() in ("n", "no"):
             progress("setup cancelled")
             return

@@ -22,13 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CorruptModel, ModelNotFound, ResourceError
+from .errors import CorruptModel, IncompleteModel, ModelNotFound, ResourceError
 from .paths import cache_dir
 from .registry import DEMO_ALIAS, DEMO_TARGET, ModelEntry, PartsSpec
 
 Progress = Callable[[str], None]
 MARKER = "specchat-source.json"  # written last into a converted directory
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The files of a hub model that setup downloads and that a cache look-up must find: the
+# same list both ways, or a finished download would look incomplete (or a partial one whole).
+HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja")
+SHARD_INDEX = "model.safetensors.index.json"
 _CHUNK = 16 << 20
 
 
@@ -80,10 +84,11 @@ def materialize(ref: ModelRef, progress: Progress = _quiet) -> Path:
     if ref.kind == "dir":
         return check_hf_dir(ref.path)
     if ref.kind == "gguf":
-        return convert_gguf(ref.path, _gguf_cache_dir(ref.path), progress)
+        out_dir = _gguf_cache_dir(ref.path)  # named by the file's path, size and mtime
+        return convert_gguf(ref.path, out_dir, progress, source_id=out_dir.name)
     if ref.entry is not None and ref.entry.parts is not None:
         gguf = assemble_parts(ref.entry.parts, cache_dir() / "files" / f"{ref.entry.name}.gguf", progress)
-        return convert_gguf(gguf, cache_dir() / "models" / ref.entry.name, progress)
+        return convert_gguf(gguf, cache_dir() / "models" / ref.entry.name, progress, source_id=ref.entry.parts.sha256)
     return check_hf_dir(hub_snapshot(ref.hub_id))
 
 
@@ -104,17 +109,42 @@ def check_hf_dir(path: Path) -> Path:
         if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
             raise CorruptModel(f"{path} holds only pickle weights", "convert it to safetensors first")
         raise CorruptModel(f"{path} has no .safetensors weights", "re-download the model")
+    _check_shards(path)
     return path
+
+
+def _check_shards(path: Path) -> None:
+    """Every weight file the shard index names must be there (a download can stop between shards)."""
+    index = path / SHARD_INDEX
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptModel(f"{index} is not a valid shard index ({exc})", "re-download the model") from exc
+    missing = sorted(name for name in shards if not (path / name).is_file())
+    if missing:
+        raise IncompleteModel(
+            f"{path} misses {len(missing)} of the {len(shards)} weight files its shard index lists ({missing[0]}, ...)",
+            "the download stopped part-way: run `specchat setup` with the same model to resume it",
+        )
 
 
 def hub_snapshot(hub_id: str) -> Path:
     """The locally cached snapshot of ``hub_id``; never downloads."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(hub_id, local_files_only=True))
+        return Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=list(HUB_FILE_PATTERNS)))
+    except HFValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"{hub_id} is not a valid Hugging Face repo id ({first_line})", "use owner/name") from exc
     except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        if type(exc).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x knows from its file list
+            raise IncompleteModel(
+                f"{hub_id} is only partly downloaded", f"run `specchat setup {hub_id}` to resume the download"
+            ) from exc
         raise ModelNotFound(
             f"{hub_id} is not in the local Hugging Face cache", f"run `specchat setup {hub_id}` to download it"
         ) from exc
@@ -150,7 +180,7 @@ def part_files(parts: PartsSpec) -> list[Path]:
 def assemble_parts(parts: PartsSpec, dest: Path, progress: Progress = _quiet) -> Path:
     """Concatenate the parts into ``dest`` and check size and sha256; cached once verified."""
     stamp = dest.with_name(dest.name + ".sha256")
-    if dest.is_file() and stamp.is_file() and stamp.read_text().strip() == parts.sha256:
+    if dest.is_file() and dest.stat().st_size == parts.bytes and stamp.is_file() and stamp.read_text().strip() == parts.sha256:
         return dest
     files = part_files(parts)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +196,8 @@ def assemble_parts(parts: PartsSpec, dest: Path, progress: Progress = _quiet) ->
                         digest.update(chunk)
                         out.write(chunk)
                         written += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it trusted
         if written != parts.bytes or digest.hexdigest() != parts.sha256:
             raise CorruptModel(
                 f"assembled {dest.name} does not match its checksum ({written} bytes, sha256 {digest.hexdigest()[:12]}..., "
@@ -186,10 +218,14 @@ def _gguf_cache_dir(path: Path) -> Path:
     return cache_dir() / "models" / f"gguf-{path.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _quiet) -> Path:
-    """Dequantise a GGUF model once into a float16 safetensors directory with its tokenizer."""
+def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _quiet, source_id: str = "") -> Path:
+    """Dequantise a GGUF model once into a float16 safetensors directory with its tokenizer.
+
+    ``source_id`` names the GGUF's content (the parts' sha256); a conversion of other
+    content (the demo packages were upgraded) is redone, never reused.
+    """
     marker = out_dir / MARKER
-    if marker.is_file():
+    if _converted_from(marker) == source_id:
         return out_dir
     import torch
     from safetensors.torch import save_file
@@ -217,12 +253,23 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _quiet) -> Path
         tensors = {name: t.detach().to(torch.float16).contiguous().clone() for name, t in model.state_dict().items()}
         del model
         save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        (partial / MARKER).write_text(json.dumps({"gguf": str(gguf), "bytes": stat.st_size}) + "\n")
+        (partial / MARKER).write_text(json.dumps({"gguf": str(gguf), "bytes": stat.st_size, "source": source_id}) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+
+def _converted_from(marker: Path) -> str | None:
+    """The source id a finished conversion recorded; None when there is none to trust."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return recorded.get("source")  # None for a conversion made before source ids: redone once
 
 
 def _need_disk(directory: Path, needed: int, purpose: str) -> None:

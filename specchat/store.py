@@ -17,6 +17,11 @@ A layer file is written as ``.partial`` and renamed once complete, so a build
 interrupted by Ctrl-C or a full disk resumes from the first missing layer and
 never trusts a half-written one.  Each layer's CRC-32 is in the manifest and is
 checked on the first read of the layer in a process.
+
+A store remembers the weight files it was built from (name, size, mtime):
+``building.json`` while it is written, the manifest once done.  A store, or a
+half-built one, of other weights (the model was re-downloaded or re-converted
+in place) is rebuilt rather than reused.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .quant4 import absmax_offset, nf4_bytes, quantizable, quantize_nf4
 ALIGN = 4096
 FORMAT = 1
 MANIFEST = "manifest.json"
+BUILDING = "building.json"
 RESIDENT = "resident.safetensors"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STORE_DTYPES = (*_DTYPES, "nf4")
@@ -122,8 +128,12 @@ def build_store(
     ``dtype`` is how the layer weights are kept; with ``nf4`` the tensors that
     stay 16-bit (norms, biases, embeddings, head) use ``dense_dtype``.
     """
+    sources = source_files(model_dir)
     if (path / MANIFEST).is_file():
-        return open_store(path)
+        recorded = _recorded_sources(path / MANIFEST)
+        if recorded is None or recorded == sources:  # None: built before stores recorded their sources
+            return open_store(path)
+        _clear(path)  # built from other weights
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -151,6 +161,9 @@ def build_store(
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.partial"):  # left by an interrupted build
         stale.unlink()
+    if (path / BUILDING).is_file() and _recorded_sources(path / BUILDING) != sources:
+        _clear(path)  # an interrupted build of other weights: its layers are not ours
+    _write_atomically(path / BUILDING, json.dumps({"source_files": sources}).encode())
     _check_disk(path, layer_bytes * num_layers)
     crcs = []
     for index in range(num_layers):
@@ -184,9 +197,35 @@ def build_store(
         "layer_bytes": layer_bytes,
         "layout": [slot.__dict__ | {"shape": list(slot.shape)} for slot in layout],
         "crc32": crcs,
+        "source_files": sources,
     }
     _write_atomically(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+    (path / BUILDING).unlink(missing_ok=True)
     return open_store(path)
+
+
+def source_files(model_dir: Path) -> list[list]:
+    """What identifies the weights a store is built from: [name, bytes, mtime_ns] per safetensors file."""
+    rows = []
+    for file in sorted(model_dir.glob("*.safetensors")):
+        stat = file.stat()  # follows the hub cache's symlinks to the blobs
+        rows.append([file.name, stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+def _recorded_sources(file: Path) -> list[list] | None:
+    try:
+        return json.loads(file.read_text()).get("source_files")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _clear(path: Path) -> None:
+    """Empty a store directory, the manifest first, so that an interrupted clear is never trusted."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    for file in path.iterdir():
+        if file.is_file():
+            file.unlink()
 
 
 def _place(blob: bytearray, slot: TensorSlot, tensor: torch.Tensor, dense: torch.dtype) -> None:

@@ -223,6 +223,67 @@ def test_old_turns_are_dropped_to_fit_the_context(pipeline):
     assert len(pipeline.encode_chat(session.conversation())) < pipeline.engine.target.max_context
 
 
+def test_a_message_longer_than_the_context_keeps_the_whole_conversation(pipeline, tmp_path):
+    session = new_session(pipeline, max_depth=8)
+    say(session, "the blue sea")
+    say(session, "a calm tide")
+    before = list(session.messages)
+    huge = " ".join(["sea"] * (pipeline.engine.target.max_context + 10))
+    with pytest.raises(InputError, match="longer than the model's context"):
+        list(session.reply(huge))
+    assert session.messages == before
+    repl = Repl(session, Console(file=io.StringIO(), force_terminal=False), lambda: "")
+    repl._reply(huge)  # the REPL shows the one line and goes on
+    assert session.messages == before
+
+
+def test_save_to_a_directory_or_unwritable_place_is_one_line_and_keeps_the_session(pipeline, tmp_path):
+    session = new_session(pipeline)
+    say(session, "the sea")
+    before = list(session.messages)
+    (tmp_path / "dir.json").mkdir()
+    lines, leave = session.command(f"/save {tmp_path / 'dir.json'}")
+    assert lines[0].startswith(f"error: cannot save the session to {tmp_path / 'dir.json'}: ") and not leave
+    (tmp_path / "file").write_text("x")
+    lines, _ = session.command(f"/save {tmp_path / 'file' / 'below.json'}")  # a parent that is a file
+    assert lines[0].startswith("error: cannot save the session to") and session.messages == before
+
+
+@pytest.mark.parametrize("budget_command, auto", [("/set budget 3", False), ("/set budget auto", True)])
+def test_a_saved_session_keeps_a_fixed_or_auto_budget(pipeline, tmp_path, budget_command, auto):
+    session = new_session(pipeline)
+    session.command(budget_command)
+    path = tmp_path / "s.json"
+    save_session(session, path)
+    restored = ChatSession(pipeline, GenerationConfig(max_new_tokens=8, budget=4, auto_budget=not auto))
+    load_session(restored, path)
+    assert restored.settings.auto_budget is auto
+    assert auto or restored.settings.budget == 3
+
+
+def test_a_session_saved_with_a_draft_resumes_without_one(pipeline, tmp_path, tiny_dirs):
+    session = new_session(pipeline)
+    say(session, "the sea")
+    path = tmp_path / "s.json"
+    save_session(session, path)
+    no_draft = load_pipeline(RunConfig(model=str(tiny_dirs["target"]), draft="none"), progress=lambda message: None)
+    restored = ChatSession(no_draft, GenerationConfig(method="ar", max_new_tokens=4))
+    load_session(restored, path)
+    assert restored.settings.method == "ar" and restored.messages == session.messages
+    assert say(restored, "a calm tide").stats.new_tokens >= 1
+
+
+def test_an_engine_refusal_is_one_line_and_no_half_turn(pipeline, monkeypatch):
+    session = new_session(pipeline)
+    say(session, "the sea")
+    before = list(session.messages)
+    monkeypatch.setattr(session.pipeline.engine, "draft", None)  # the engine now refuses tree methods
+    lines = io.StringIO()
+    Repl(session, Console(file=lines, force_terminal=False), lambda: "")._reply("a calm tide")
+    assert "error: cannot reply: method specexec needs a draft model" in lines.getvalue()
+    assert session.messages == before
+
+
 def test_unknown_command_and_bad_values_keep_the_session_going(pipeline):
     session = new_session(pipeline)
     assert session.command("/frobnicate")[0] == ["unknown command /frobnicate; /help lists them"]
@@ -230,6 +291,8 @@ def test_unknown_command_and_bad_values_keep_the_session_going(pipeline):
     assert session.command("/set method beam")[0][0].startswith("bad value for method")
     assert session.command("/set top_p 2")[0][0].startswith("bad value for top_p")
     assert session.command("/set budget 0")[0][0].startswith("bad value for budget")
+    assert session.command("/set temperature inf")[0][0].startswith("bad value for temperature")
+    assert session.command("/set temperature nan")[0][0].startswith("bad value for temperature")
     assert session.command("/set temperature 0.7") == (["temperature = 0.7"], False)
     assert session.command("/exit") == ([], True)
 
@@ -261,3 +324,9 @@ def test_chat_resume_refuses_a_corrupt_file_with_one_line(tiny_dirs, tmp_path):
     result = CliRunner().invoke(app, ["chat", "--model", str(tiny_dirs["target"]), "--draft", "none", "--method", "ar", "--resume", str(bad)], input="")
     assert result.exit_code != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: session file")
+
+
+def test_chat_resume_of_a_missing_file_fails_before_loading_the_model(tmp_path):
+    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path / "no-model"), "--resume", str(tmp_path / "gone.json")], input="")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: session file {tmp_path / 'gone.json'} does not exist; give the path that /save printed"]

@@ -67,9 +67,10 @@ def test_json_output_schema(tiny_dirs):
     assert payload["text"] == text and payload["tokens"] == tokens
     assert set(payload["stats"]) == {
         "method", "budget", "new_tokens", "target_passes", "tokens_per_pass", "tokens_per_s",
-        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes",
+        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes", "finish_reason",
     }
     assert payload["stats"]["method"] == "specexec" and payload["stats"]["budget"] == 8
+    assert payload["stats"]["finish_reason"] in ("eos", "length") and (payload["stats"]["finish_reason"] == "length") == (len(tokens) == 10)
     assert payload["stats"]["new_tokens"] == len(tokens)
 
 
@@ -99,7 +100,8 @@ BAD_INPUTS = [
     ("max-new-negative", ["--max-new-tokens", "-1"], None, None, "max_new_tokens must be >= 1"),
     ("top-p-zero", ["--top-p", "0"], None, None, "top_p must be in (0, 1]"),
     ("top-p-big", ["--top-p", "1.5"], None, None, "top_p must be in (0, 1]"),
-    ("temperature-negative", ["--temperature", "-1"], None, None, "temperature must be >= 0"),
+    ("temperature-negative", ["--temperature", "-1"], None, None, "temperature must be a finite number >= 0"),
+    ("temperature-inf", ["--temperature", "inf"], None, None, "temperature must be a finite number >= 0"),
     ("method", ["--method", "beam"], None, None, "--method must be one of"),
     ("ram-budget", ["--ram-budget", "lots"], None, None, "not a size"),
     ("config-toml", [], None, "model = [unclosed", "is not valid TOML"),

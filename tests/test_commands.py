@@ -236,6 +236,57 @@ def test_models_table_names_every_way_a_target_can_run():
     assert all(phrase in text for phrase in ("in memory", "pinned RAM -> GPU", "streamed from SSD"))
 
 
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def fnmatch_any(name, patterns):
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def sharded_source(tiny_dirs):
+    """The tiny target saved in two weight files with a shard index, as large hub models are."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tiny_dirs["target"].parent / "target-sharded"
+    if directory.exists():
+        return directory
+    directory.mkdir()
+    for path in tiny_dirs["target"].iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, directory / path.name)
+    tensors = load_file(tiny_dirs["target"] / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in halves.items():
+        save_file({n: tensors[n] for n in shard_names}, directory / shard, metadata={"format": "pt"})
+    weight_map = {n: shard for shard, shard_names in halves.items() for n in shard_names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def write_snapshot(hub_cache, repo_id, source, skip=()):
+    """Lay out ``source`` as huggingface_hub >= 1 does after a download: the snapshot, the ref, and
+    the repo's whole file list (README.md and .gitattributes too, which setup does not fetch)."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.name not in skip and not (snapshot / path.name).exists():
+            shutil.copy(path, snapshot / path.name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    try:
+        from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+    except ImportError:  # older clients keep no file list
+        return snapshot
+    listing = {p.name: TreeCacheEntry(size=p.stat().st_size, blob_id="0" * 40) for p in source.iterdir()}
+    listing.update({name: TreeCacheEntry(size=10, blob_id="1" * 40) for name in ("README.md", ".gitattributes")})
+    write_tree_cache(str(repo), COMMIT, listing)
+    return snapshot
+
+
 @pytest.fixture
 def fake_hub(hub_cache, tiny_dirs, monkeypatch):
     """huggingface_hub.snapshot_download with the network replaced: a download writes the tiny
@@ -258,11 +309,9 @@ def fake_hub(hub_cache, tiny_dirs, monkeypatch):
             url = f"https://huggingface.co/api/models/{repo_id}"
             response = http.Response(404, request=http.Request("GET", url))
             raise errors.HfHubHTTPError(f"404 Client Error: Repository Not Found for url: {url}", response=response)
-        repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-        snapshot = repo / "snapshots" / "fedcba9876543210"
-        shutil.copytree(tiny_dirs["target"], snapshot)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text("fedcba9876543210")
+        source = sharded_source(tiny_dirs) if repo_id == "tiny-org/sharded" else tiny_dirs["target"]
+        snapshot = write_snapshot(hub_cache, repo_id, source)
+        assert all(fnmatch_any(p.name, kwargs["allow_patterns"]) for p in snapshot.iterdir())
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -289,3 +338,39 @@ def test_a_failed_download_is_one_error_line(fake_hub):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot download tiny-org/gone: 404 Client Error")
     assert "Traceback" not in result.stderr
+
+
+def test_a_download_stopped_between_weight_files_is_never_taken_for_a_model_and_setup_resumes_it(fake_hub, hub_cache, tiny_dirs):
+    source = sharded_source(tiny_dirs)
+    last_shard = sorted(p.name for p in source.glob("*.safetensors"))[-1]
+    write_snapshot(hub_cache, "tiny-org/sharded", source, skip=(last_shard,))  # Ctrl-C before the last file
+    run = runner.invoke(app, ["run", "--model", "tiny-org/sharded", "--draft", "none", "--max-new-tokens", "4", "the sea"])
+    assert run.exit_code == 2
+    [line] = run.stderr.strip().splitlines()
+    assert "partly downloaded" in line or "misses 1 of the 2 weight files" in line
+    assert "specchat setup" in line
+    setup = runner.invoke(app, ["setup", "tiny-org/sharded", "--draft", "none", "--offload", "none", "--yes"])
+    assert setup.exit_code == 0, setup.stderr
+    assert [repo for repo, _ in fake_hub] == ["tiny-org/sharded"]  # it resumed the download
+    ran = runner.invoke(app, ["run", "--model", "tiny-org/sharded", "--draft", "none", "--max-new-tokens", "4", "the sea"])
+    direct = runner.invoke(app, ["run", "--model", str(tiny_dirs["target"]), "--draft", "none", "--max-new-tokens", "4", "the sea"])
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stdout == direct.stdout
+
+
+def test_a_directory_missing_a_listed_weight_file_is_one_error_line(tiny_dirs, tmp_path):
+    source = sharded_source(tiny_dirs)
+    partial = tmp_path / "partial"
+    shutil.copytree(source, partial)
+    sorted(partial.glob("*.safetensors"))[-1].unlink()
+    result = runner.invoke(app, ["run", "--model", str(partial), "--draft", "none", "--max-new-tokens", "2", "x"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {partial} misses 1 of the 2 weight files its shard index lists")
+
+
+def test_an_invalid_hub_id_is_one_error_line(hub_cache):
+    result = runner.invoke(app, ["run", "--model", "a/b:c", "--draft", "none", "x"])
+    assert result.exit_code == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: a/b:c is not a valid Hugging Face repo id (")

@@ -105,20 +105,58 @@ def test_a_disk_that_fills_up_mid_build_leaves_nothing_a_later_run_would_trust(m
 
     def fsync_until_full(fd):
         calls.append(fd)
-        if len(calls) == 3:  # the third layer file hits a full disk
+        if len(calls) == 4:  # building.json, then the third layer file hits a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_until_full)
     with pytest.raises(ResourceError, match="the disk filled up while writing .*layer_002.bin"):
         build_store(model_dir, path, "float16")
-    assert sorted(p.name for p in path.iterdir()) == ["layer_000.bin", "layer_001.bin"]  # no .partial, no manifest
+    assert sorted(p.name for p in path.iterdir()) == ["building.json", "layer_000.bin", "layer_001.bin"]  # no .partial, no manifest
     with pytest.raises(CorruptModel, match="incomplete"):
         open_store(path)
     monkeypatch.setattr(os, "fsync", real_fsync)
     resumed = build_store(model_dir, path, "float16")  # space again: the build resumes and completes
     fresh = build_store(model_dir, tmp_path / "fresh", "float16")
     assert resumed.crc32 == fresh.crc32
+
+
+def _save_weights(directory, seed):
+    tiny_hf(seed, arch="qwen2", layers=4, dtype=torch.float32).save_pretrained(directory)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_store_of_other_weights_is_rebuilt_not_reused(tmp_path, monkeypatch, finished):
+    """The model was re-downloaded or re-converted in place: same directory, new weights."""
+    import errno
+
+    from specchat.errors import ResourceError
+
+    model, path = tmp_path / "model", tmp_path / "store"
+    _save_weights(model, 4)
+    if finished:
+        build_store(model, path, "float16")
+    else:  # a build that stopped after two layers
+        real_fsync, calls = os.fsync, []
+
+        def fsync_until_full(fd):
+            calls.append(fd)
+            if len(calls) == 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync_until_full)
+        with pytest.raises(ResourceError):
+            build_store(model, path, "float16")
+        monkeypatch.setattr(os, "fsync", real_fsync)
+    _save_weights(model, 5)
+    rebuilt = build_store(model, path, "float16")
+    fresh_dir = tmp_path / "fresh-model"
+    _save_weights(fresh_dir, 5)
+    fresh = build_store(fresh_dir, tmp_path / "fresh", "float16")
+    assert rebuilt.crc32 == fresh.crc32
+    assert build_store(model, path, "float16") == rebuilt  # and now it is reused
+    assert not (path / "building.json").exists()
 
 
 def test_truncated_and_corrupt_layer_files_are_refused(model_dir, tmp_path):
