@@ -68,6 +68,9 @@ class ChatSession:
         """Send a user message; yield notices and engine events.  Closing early keeps the partial reply."""
         self.messages.append({"role": "user", "content": text})
         yield from self._fit_context()
+        if self._needs_calibration():  # measured (and saved) here, not inside the reply's timing
+            yield Notice("(measuring pass times for --budget auto, once for these settings)")
+            self.pipeline.ensure_calibration()
         prompt_ids = self.pipeline.encode_chat(self.conversation())
         partial: list[str] = []
         self.last_pass_sizes = []
@@ -192,9 +195,15 @@ class ChatSession:
             )
         return lines, False
 
+    def _needs_calibration(self) -> bool:
+        engine = self.pipeline.engine
+        return self.settings.auto_budget and self.settings.method != "ar" and engine.calibration is None
+
     def _budget_text(self) -> str:
         if not self.settings.auto_budget or self.settings.method == "ar":
             return str(self.settings.budget)
+        if self._needs_calibration():
+            return "auto (pass times are measured before the next reply)"
         return "auto: " + self.pipeline.engine.tuner_for(self.settings).explain()
 
     def _cmd_save(self, argument: str):

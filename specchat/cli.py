@@ -207,16 +207,21 @@ def setup(
 def _budget(text: str) -> int:
     from .bench import AUTO
 
-    return AUTO if text.strip() == "auto" else int(text)
+    if text.strip() == "auto":
+        return AUTO
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"a budget must be >= 1 or auto, got {value}")
+    return value
 
 
 def _split(text: str, kind, what: str) -> tuple:
     from .errors import ConfigError
 
     try:
-        return tuple(kind(part) for part in text.split(",") if part.strip())
+        return tuple(dict.fromkeys(kind(part) for part in text.split(",") if part.strip()))  # in order, once each
     except ValueError as exc:
-        raise ConfigError(f"--{what} must be a comma-separated list, got {text!r}") from exc
+        raise ConfigError(f"--{what} must be a comma-separated list, got {text!r} ({exc})") from exc
 
 
 @app.command()

@@ -25,6 +25,8 @@ Because the log curve is only a model (a draft that agrees for a few tokens at m
 saturates it), once the chosen K has been measured the tuner also tries its
 unmeasured neighbours K/2 and 2K for a few passes each when the model rates them
 within :data:`EXPLORE_MARGIN` of the best; measured means then settle the choice.
+Measurements of a K unused for :data:`STALE_PASSES` passes are forgotten, so no
+budget is ruled out for a whole session by a few unlucky passes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ PRIOR_BETA = 0.6  # tokens per doubling of K; the demo pair measured 0.54-0.65 (
 WEIGHT = 0.25  # of a new pass in the running estimates
 MEASURED_PASSES = 3  # passes at one K before their mean replaces the curve there
 WINDOW = 12
+STALE_PASSES = 96  # a K not used for this many passes is measured afresh if chosen again
 EXPLORE_MARGIN = 0.8  # try an unmeasured neighbour predicted at >= this fraction of the best
 
 
@@ -57,6 +60,19 @@ def interpolate(table: dict[int, float], k: float) -> float:
     return v1 + max(v1 - v0, 0.0) * (k - k1) / (k1 - k0)
 
 
+def non_decreasing(table: dict[int, float]) -> dict[int, float]:
+    """A bigger tree never costs less: each point raised to the largest at or below its size.
+
+    Each size is timed once, so noise can make a larger size look cheaper; without this the
+    interpolated curve would have a dip that the tuner would pick for the noise's sake.
+    """
+    result, running = {}, float("-inf")
+    for k, seconds in sorted(table.items()):
+        running = max(running, seconds)
+        result[k] = running
+    return result
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Measured seconds: target pass vs. tree size, draft growth vs. budget (per method), draft step vs. width."""
@@ -66,11 +82,11 @@ class Calibration:
     draft_step_s: dict[int, float] = field(default_factory=dict)  # batch width -> seconds per draft forward
 
     def target(self, k: int) -> float:
-        return interpolate(self.target_s, k)
+        return interpolate(non_decreasing(self.target_s), k)
 
     def draft(self, method: str, k: int) -> float:
         table = self.draft_s.get(method) or next(iter(self.draft_s.values()), {})
-        return interpolate(table, k) if table else 0.0
+        return interpolate(non_decreasing(table), k) if table else 0.0
 
     def to_json(self) -> dict:
         return {
@@ -148,6 +164,8 @@ class CostModelTuner:
         self.target_ratio = 1.0  # measured / calibrated target seconds
         self.draft_ratio = 1.0
         self._passes: dict[int, deque[_Pass]] = {}
+        self._last_used: dict[int, int] = {}  # K -> the pass count when it was last observed
+        self._pass_count = 0
         self.current = initial if initial is not None else self.best()
 
     # -- the model ---------------------------------------------------------------------
@@ -183,6 +201,9 @@ class CostModelTuner:
     # -- learning ----------------------------------------------------------------------
     def observe(self, budget: int, tokens: float, draft_s: float, target_s: float) -> None:
         self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(_Pass(tokens, draft_s, target_s))
+        self._pass_count += 1
+        self._last_used[budget] = self._pass_count
+        self._forget_stale()
         self.beta = (1 - WEIGHT) * self.beta + WEIGHT * max(tokens - 1, 0) / math.log2(1 + budget)
         calibrated_target = self.calibration.target(budget)
         if calibrated_target > 0:
@@ -191,6 +212,15 @@ class CostModelTuner:
         if calibrated_draft > 0:
             self.draft_ratio = (1 - WEIGHT) * self.draft_ratio + WEIGHT * draft_s / calibrated_draft
         self.current = self._choose()
+
+    def _forget_stale(self) -> None:
+        """Drop the measurements of budgets unused for :data:`STALE_PASSES` passes.
+
+        A few unlucky passes at a K (boilerplate just before EOS) would otherwise rule it
+        out for the whole session; forgotten, it is judged by the curve again and
+        re-measured if the curve makes it worth trying."""
+        for k in [k for k, last in self._last_used.items() if self._pass_count - last > STALE_PASSES]:
+            del self._passes[k], self._last_used[k]
 
     def explain(self) -> str:
         k = self.current

@@ -96,18 +96,22 @@ class Engine:
         self.draft_cache = draft.new_cache() if draft is not None else None
         self.tokens: list[int] = []  # the conversation both caches describe
         self.last_draft_forwards = 0  # draft forwards spent growing the last tree
-        # Running costs (seconds) that SpecExec's adaptive stop weighs; None until measured.
-        self._draft_step_s: float | None = None
+        # Running costs (seconds) that SpecExec's adaptive stop weighs, measured on SpecExec's own
+        # passes only; absent until measured.
+        self._draft_step_s: dict[int, float] = {}  # by draft width (draft_batch)
         self._target_pass_s: dict[int, float] = {}  # by budget
         self._draft_scale = 1.0  # measured / calibrated draft seconds (auto width)
-        # --budget auto: measured costs (set by the pipeline, or measured on first use) and a tuner per (method, greedy)
+        # --budget auto: measured costs (set by the pipeline, or measured on first use) and a
+        # tuner per (method, temperature, top_p): acceptance differs with each
         self.calibration: Calibration | None = None
-        self.tuners: dict[tuple[str, bool], CostModelTuner] = {}
+        self.tuners: dict[tuple[str, float, float], CostModelTuner] = {}
 
     # -- public ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Event]:
         """Continue ``prompt_ids`` (the whole conversation so far); yield events."""
         self._check_request(prompt_ids, config)
+        # Before the clock starts: a first --budget auto request may have to calibrate.
+        tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
         start_time, start_bytes = time.perf_counter(), disk_read_bytes()
         generator = torch.Generator().manual_seed(
             config.seed if config.seed is not None else random.getrandbits(63)
@@ -122,7 +126,6 @@ class Engine:
             new_ids: list[int] = []
             passes, draft_total, target_total, finish = 0, 0.0, 0.0, "length"
             tree_nodes = 0
-            tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
             while len(new_ids) < budget:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
                 drawn, tree_size, draft_s, target_s = self._one_pass(pass_config, generator)
@@ -171,7 +174,7 @@ class Engine:
 
     def tuner_for(self, config: GenerationConfig) -> CostModelTuner:
         """The ``--budget auto`` tuner of this method and sampling mode (calibrating first if nobody has)."""
-        key = (config.method, config.sampling.greedy)
+        key = (config.method, config.temperature, config.top_p if config.temperature > 0 else 1.0)
         if key not in self.tuners:
             if self.calibration is None:
                 self.calibration = measure_calibration(self.target, self.draft, config.max_depth, config.draft_batch)
@@ -205,7 +208,7 @@ class Engine:
         if config.method == "specexec":
             growth = replace(
                 config.growth,
-                draft_step_s=self._draft_step_s,
+                draft_step_s=self._draft_step_s.get(config.draft_batch),
                 target_pass_s=self._target_pass_s.get(config.budget),
                 width_costs=self._width_costs(config),
             ) if config.adaptive else config.growth
@@ -217,7 +220,9 @@ class Engine:
             )
             walk = walk_specinfer
         draft_s = time.perf_counter() - started
-        self._draft_step_s = _running_mean(self._draft_step_s, draft_s / max(self.last_draft_forwards, 1))
+        if config.method == "specexec":  # SpecInfer's steps have other widths: they would mislead the stop
+            step_s = draft_s / max(self.last_draft_forwards, 1)
+            self._draft_step_s[config.draft_batch] = _running_mean(self._draft_step_s.get(config.draft_batch), step_s)
         if predicted_s > 0:  # predicted_s used the old scale: measured / calibrated = scale * measured / predicted
             self._draft_scale = _running_mean(self._draft_scale, self._draft_scale * draft_s / predicted_s)
 

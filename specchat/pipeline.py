@@ -58,10 +58,16 @@ class Pipeline:
     draft_reason: str
     offload: OffloadPlan
     device: torch.device = torch.device("cpu")
+    config: RunConfig | None = None  # what it was loaded with (the calibration's key)
 
     @property
     def tokenizer(self):
         return self.target.tokenizer
+
+    def ensure_calibration(self, progress: Progress = lambda message: None) -> None:
+        """Measure (or load) and save the pass costs ``--budget auto`` needs, if the engine has none."""
+        if self.engine.calibration is None and self.engine.draft is not None and self.config is not None:
+            ensure_calibration(self, self.config, progress)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the model's chat template, ready for the reply."""
@@ -343,7 +349,7 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
             draft = load_resident(draft_dir, dtype, str(device))
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     pipeline = Pipeline(
-        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device
+        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device, config
     )
     if draft is not None and config.budget is None:  # --budget auto runs on the cost model
         ensure_calibration(pipeline, config, progress)
@@ -358,12 +364,20 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
 
     return (
         f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} "
-        f"{'' if pipeline.device.type == 'cpu' else f'device={pipeline.device.type} '}"
+        f"{'' if pipeline.device.type == 'cpu' else f'device={_device_label(pipeline.device)} '}"
         f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
         f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "
+        f"{f'store={config.store} ' if config.store and pipeline.offload.mode == 'ssd' else ''}"  # another disk, other times
         f"draft={pipeline.draft_name} {config.draft_quant} batch={config.generation().draft_batch} depth={config.max_depth} "
         f"threads={torch.get_num_threads()} specchat={__version__}"
     )
+
+
+def _device_label(device: torch.device) -> str:
+    """The accelerator by model: another GPU has other pass times."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def calibration_file() -> Path:

@@ -14,6 +14,8 @@ as do the embeddings and the LM head (resident anyway).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
@@ -77,16 +79,20 @@ def dequantize_nf4(
     device = packed.device
     if device not in _CODES:
         _CODES[device] = functional.get_4bit_type("nf4", device="cpu").to(device)
+    on_cpu = device.type == "cpu"
     state = functional.QuantState(
         absmax=absmax.to(device),
-        shape=torch.Size(shape),
+        # On a CPU the op is given one flat row: its AVX-512 path reads one absmax per row, which
+        # is wrong where 64-weight blocks span rows (tests/test_offload.py).
+        shape=torch.Size((math.prod(shape),) if on_cpu else shape),
         code=_CODES[device],
         blocksize=BLOCK,
         quant_type="nf4",
         dtype=out.dtype if out is not None else DEQUANT_DTYPE,
     )
-    if out is not None and out.device.type == "cpu":  # bitsandbytes' CPU op takes no ``out``
-        return out.copy_(functional.dequantize_4bit(packed.view(-1, 1), state).view(out.shape))  # (1-D comes back (1, n))
+    if on_cpu:  # bitsandbytes' CPU op takes no ``out``; its flat result comes back as (1, n)
+        weight = functional.dequantize_4bit(packed.view(-1, 1), state).view(shape)
+        return out.copy_(weight) if out is not None else weight
     return functional.dequantize_4bit(packed.view(-1, 1), state, out=out)
 
 

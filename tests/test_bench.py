@@ -46,6 +46,7 @@ def test_bench_table_output(tiny_dirs):
     [
         (["--methods", "beam"], "unknown method 'beam'"),
         (["--budgets", "0"], "must be >= 1"),
+        (["--budgets", "-1"], "must be >= 1"),  # not a hidden spelling of auto
         (["--budgets", "a,b"], "comma-separated list"),
         (["--prompts", "/nonexistent.jsonl"], "cannot read prompts file"),
         (["--methods", ""], "need at least one value"),
