@@ -1,6 +1,6 @@
 """Time one streamed target pass against the tree size, next to the bytes it read from disk.
 
-    .venv/bin/python benchmarks/ssd_pass_time.py --model demo --ram-budget 0 --sizes 1,16,64,256,1024 [--quant 4bit]
+    .venv/bin/python benchmarks/ssd_pass_time.py --model demo --ram-budget 0 --sizes 1,16,64,256,1024 [--quant 4bit] [--dtype bfloat16]
 
 The pass for 1 token should cost about (bytes read) / (disk bandwidth): the stream is the
 floor, and the curve stays flat until compute catches up with the stream.  The floor is
@@ -34,9 +34,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,16,64,256,1024")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quant", default="16bit", choices=["16bit", "4bit"])
+    parser.add_argument("--dtype", default="float32", help="compute dtype (--dtype of run); bfloat16 streams a bf16 store as read")
     args = parser.parse_args()
     budget = parse_size(args.ram_budget)
-    config = RunConfig(model=args.model, draft="none", quant=args.quant, offload="ssd", ram_budget=max(budget, 1))
+    config = RunConfig(model=args.model, draft="none", quant=args.quant, offload="ssd", ram_budget=max(budget, 1), dtype=args.dtype)
     pipeline = load_pipeline(config, progress=lambda m: print(m, flush=True))
     target = pipeline.engine.target
     bandwidth, direct = disk_bandwidth(cache_dir() / "stores")
@@ -71,7 +72,7 @@ def main() -> None:
             f"floor {row['stream_floor_s']:5.2f} s ({row['read_bytes'] / row['stream_floor_s'] / 1e9:.2f} GB/s), pass/floor {row['pass_s'] / row['stream_floor_s']:.2f}",
             flush=True,
         )
-    print(json.dumps({"bandwidth_gbps": bandwidth / 1e9, "direct": direct, "rows": results}))
+    print(json.dumps({"dtype": args.dtype, "quant": args.quant, "bandwidth_gbps": bandwidth / 1e9, "direct": direct, "rows": results}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Target precisi
 DraftQuantOpt = Annotated[Optional[str], typer.Option("--draft-quant", help="Draft weights: int8 (dynamic, fast on CPU) or none.")]
 OffloadOpt = Annotated[Optional[str], typer.Option("--offload", help="Where the target's layers live: auto, none (resident), ram (pinned RAM, copied to the GPU each pass; resident on a CPU) or ssd (streamed from the layer store).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Compute device: auto (a CUDA GPU if torch sees one), cpu or cuda.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="What the target computes in: auto (bfloat16 on a GPU, or on a CPU with bf16 matrix instructions; else float32), float32, bfloat16 or float16.")]
 RamBudgetOpt = Annotated[Optional[str], typer.Option("--ram-budget", help="RAM the target's resident layers may use, e.g. 512MB, 4GB.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Layer store directory.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="specexec, specinfer or ar (plain decoding).")]
@@ -65,6 +66,7 @@ def run(
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     method: MethodOpt = None,
@@ -82,7 +84,7 @@ def run(
     from .oneshot import read_prompt, run_oneshot, stderr_progress
 
     flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget, store=store,
         method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, system=system,
     )
@@ -101,6 +103,7 @@ def chat(
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     method: MethodOpt = None,
@@ -118,7 +121,7 @@ def chat(
     from .chatcmd import run_chat
 
     flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget,
         store=store, method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p,
         seed=seed, max_new_tokens=max_new_tokens, system=system,
     )
@@ -174,7 +177,10 @@ def models(
 
         root = cache_dir()
         root.mkdir(parents=True, exist_ok=True)
-        facts = {"ram_available": psutil.virtual_memory().available, "gpus": gpu_info(), "disk_free": shutil.disk_usage(root).free}
+        from .precision import cpu_auto_dtype
+
+        cpu = {"compute_dtype": cpu_auto_dtype()}
+        facts = {"ram_available": psutil.virtual_memory().available, "gpus": gpu_info(), "disk_free": shutil.disk_usage(root).free, "cpu": cpu}
         rows = model_rows(load_registry(), facts)
         if json_output:
             print(json.dumps(rows, indent=1))
@@ -189,6 +195,7 @@ def setup(
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before downloading.")] = False,
@@ -199,7 +206,7 @@ def setup(
 
     with error_boundary(debug):
         # From defaults and flags only: a previous setup's model, draft or placement must not leak into this one.
-        flags = dict(draft=draft, quant=quant, offload=offload, device=device, ram_budget=ram_budget, store=store)
+        flags = dict(draft=draft, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget, store=store)
         settings = build_config(flags, None, config_file(), use_file=False)
         run_setup(model, settings, yes)
 
@@ -241,6 +248,7 @@ def bench(
     quant: QuantOpt = None,
     offload: OffloadOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     ram_budget: RamBudgetOpt = None,
     store: StoreOpt = None,
     draft_batch: DraftBatchOpt = None,
@@ -257,7 +265,7 @@ def bench(
 
     output = BenchOutput(as_json=json_output, plot=plot, log=log)
     flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, ram_budget=ram_budget,
+        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget,
         store=store, draft_batch=draft_batch,
     )
     with error_boundary(debug):

@@ -16,6 +16,7 @@ from typing import Any
 
 from .engine import METHODS, GenerationConfig
 from .errors import ConfigError
+from .precision import DTYPE_CHOICES
 
 QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
@@ -47,6 +48,7 @@ class RunConfig:
     quant: str = "auto"  # precision of the target's weights
     draft_quant: str = "int8"  # the draft's weights on a CPU: dynamic int8, or as stored
     device: str = "auto"  # where the draft and the target's layers compute
+    dtype: str = "auto"  # what the target computes in (auto: bf16 on a GPU or a CPU with bf16 units, else fp32)
     offload: str = "auto"  # where the target's layers live
     ram_budget: int | None = None  # bytes of RAM resident layers may use
     store: Path | None = None  # layer store directory
@@ -66,6 +68,7 @@ class RunConfig:
         _choice("offload", self.offload, OFFLOADS)
         _choice("draft_quant", self.draft_quant, DRAFT_QUANTS)
         _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPE_CHOICES)
         if self.ram_budget is not None and self.ram_budget <= 0:
             raise ConfigError(f"--ram-budget must be positive, got {self.ram_budget}")
         try:

@@ -204,6 +204,7 @@ class Engine:
             return [token], 0, 0.0, time.perf_counter() - started
 
         started = time.perf_counter()
+        self.target.prefetch()  # a streamed target reads its first layers while the draft works
         predicted_s = 0.0
         if config.method == "specexec":
             growth = replace(

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from .precision import cpu_has_fast_bf16, dtype_name, resolve_compute_dtype
 from .registry import DEMO_TARGET, ModelEntry
 from .streamer import READ_THREADS, read_file_direct
 
@@ -99,9 +100,9 @@ def disk_bandwidth(directory: Path, size: int = PROBE_BYTES) -> tuple[float, boo
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, tokens: int = 256) -> float:
-    """FLOP/s of a decoder-sized matrix product on the CPU, in the compute dtype."""
-    weight = torch.randn(1536, 8960, dtype=dtype)
-    activations = torch.randn(tokens, 1536, dtype=dtype)
+    """FLOP/s of a decoder-sized matrix product on the CPU, in ``dtype``."""
+    weight = torch.randn(1536, 8960).to(dtype)
+    activations = torch.randn(tokens, 1536).to(dtype)
     activations @ weight
     start = time.perf_counter()
     for _ in range(3):
@@ -114,8 +115,16 @@ def detect(store_dir: Path) -> dict:
     probe_dir = store_dir if store_dir.exists() else store_dir.parent
     probe_dir.mkdir(parents=True, exist_ok=True)
     bandwidth, direct = disk_bandwidth(probe_dir)
+    dtype, dtype_reason = resolve_compute_dtype("auto", torch.device("cpu"))
     return {
-        "cpu": cpu_info() | {"fp32_gflops": matmul_flops() / 1e9},
+        "cpu": cpu_info()
+        | {
+            "fp32_gflops": matmul_flops() / 1e9,
+            # measured only where bf16 is native: emulated, 256 rows would take seconds
+            "bf16_gflops": matmul_flops(torch.bfloat16) / 1e9 if cpu_has_fast_bf16() else None,
+            "compute_dtype": dtype_name(dtype),
+            "compute_dtype_reason": dtype_reason,
+        },
         "ram_total": memory.total,
         "ram_available": memory.available,
         "gpus": gpu_info(),
@@ -129,7 +138,8 @@ def detect(store_dir: Path) -> dict:
 def fit(entry: ModelEntry, facts: dict) -> str:
     """How the target would run here: "ram" (resident: in RAM on a CPU, in VRAM on a GPU),
     "pinned" (GPU only: layers in pinned RAM, copied in every pass), "ssd" (streamed), or "no"."""
-    compute_bytes = entry.bytes_at(32) if not facts["gpus"] else entry.bytes_at(16)
+    cpu_bits = 16 if facts.get("cpu", {}).get("compute_dtype") in ("bfloat16", "float16") else 32
+    compute_bytes = entry.bytes_at(cpu_bits) if not facts["gpus"] else entry.bytes_at(16)
     fast_memory = facts["ram_available"] if not facts["gpus"] else facts["gpus"][0]["vram_free"]
     if compute_bytes * 1.2 < fast_memory:
         return "ram"
@@ -157,7 +167,9 @@ def recommend(facts: dict, registry: dict[str, ModelEntry]) -> dict[str, dict[st
     stream_s = choice.bytes_at(16) / (gbps * 1e9) if gbps else float("inf")
     streams = how in ("ssd", "pinned")
     # A pass costs max(stream, compute); the tree may grow until compute catches up with the stream.
-    flops = facts["cpu"]["fp32_gflops"] * 1e9 if not facts["gpus"] else 200e12
+    cpu = facts["cpu"]
+    bf16 = cpu.get("compute_dtype") == "bfloat16" and cpu.get("bf16_gflops")
+    flops = (cpu["bf16_gflops"] if bf16 else cpu["fp32_gflops"]) * 1e9 if not facts["gpus"] else 200e12
     break_even = stream_s * flops / (2 * choice.params_b * 1e9)
     budget = 16
     while streams and budget * 2 <= min(break_even, 1024):
@@ -169,6 +181,11 @@ def recommend(facts: dict, registry: dict[str, ModelEntry]) -> dict[str, dict[st
             "reason": "the smallest registered draft of that target: its steps are the cheapest" if draft else "no registered draft",
         },
         "quant": {"value": "16bit", "reason": "16-bit weights, the target's own outputs"},
+        "dtype": {
+            "value": "auto",
+            "reason": "bfloat16 or float16 on the GPU" if facts["gpus"]
+            else cpu.get("compute_dtype_reason", "float32 on this CPU") + (f" ({cpu['bf16_gflops']:.0f} vs {cpu['fp32_gflops']:.0f} GFLOP/s at 256 rows)" if bf16 else ""),
+        },
         "offload": {
             "value": {"ram": "none", "pinned": "ram"}.get(how, "ssd"),
             "reason": {

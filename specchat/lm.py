@@ -14,6 +14,8 @@ anywhere: resident modules or a streamer that pages them in from RAM or SSD.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -29,6 +31,9 @@ class LanguageModel(Protocol):
     num_layers: int
 
     def new_cache(self) -> KVCache: ...
+
+    def prefetch(self) -> None:
+        """A hint that :meth:`forward` is coming (a streamed target starts reading its layers)."""
 
     def forward(
         self,
@@ -95,6 +100,14 @@ def causal_visibility(cached: int, new: int, device: torch.device | str = "cpu")
     return torch.cat([torch.ones(new, cached, dtype=torch.bool, device=device), tri], dim=1)
 
 
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    """What a decoder layer calls its KV cache argument: ``cache`` from transformers 5.24 on, before
+    that ``past_key_values`` (which 5.24 still takes, with a deprecation warning on every run)."""
+    parameters = inspect.signature(layer_class.forward).parameters  # follows the deprecation wrapper
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class LayeredLM:
     """A decoder-only causal LM run piece by piece over a :class:`LayerSource`."""
 
@@ -150,9 +163,9 @@ class LayeredLM:
                 hidden,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
                 position_embeddings=cos_sin,
+                **{_cache_keyword(type(layer)): cache},
             )
             hidden = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
         hidden = hidden[0]  # (T, hidden)
@@ -162,6 +175,12 @@ class LayeredLM:
         # On the host: sampling, seeds and tree bookkeeping run on the CPU whatever computed the logits
         # (a (256, 152k) float32 block is ~155 MB, ~10 ms over PCIe, small beside a streamed pass).
         return self.lm_head(hidden).float().cpu()  # (R, vocab)
+
+    def prefetch(self) -> None:
+        """A hint that a forward is coming: a streamed layer source starts fetching its first layers."""
+        prefetch = getattr(self.layer_source, "prefetch", None)
+        if prefetch is not None:
+            prefetch()
 
     def bytes_read(self) -> int:
         return self.layer_source.bytes_read()

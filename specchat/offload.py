@@ -144,7 +144,7 @@ def load_streamed(
     store: Store,
     compute_dtype: torch.dtype = torch.float32,
     resident_layers: int = 0,
-    ring: int = 2,
+    ring: int | None = None,
     direct: bool = True,
     device: torch.device | str = "cpu",
     host_layers: int = 0,
@@ -205,7 +205,7 @@ def load_streamed(
             host=set(range(resident_layers, min(resident_layers + host_layers, store.num_layers))),
             device_resident=set() if keep_files else set(range(resident_layers)),
             device_files=set(range(resident_layers)) if keep_files else set(),
-            ring=ring,
+            ring=ring or 2,
             direct=direct,
         )
     return LayeredLM(skeleton, source)

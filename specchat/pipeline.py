@@ -18,11 +18,12 @@ from .errors import CorruptModel, InputError, ModelNotFound, ResourceError, Spec
 from .loading import LoadedModel, check_architecture, check_same_tokenizer, load_int8, load_resident, load_tokenizer
 from .offload import OffloadPlan, layer_compute_bytes, load_streamed, plan_offload, plan_offload_gpu
 from .paths import cache_dir
+from .precision import dtype_name, resolve_compute_dtype
 from .registry import ModelEntry, load_registry
 from .sources import ModelRef, Progress, materialize, parse_model_spec
 from .store import build_store, store_dir_for
+from .streamer import RING
 
-COMPUTE_DTYPE = torch.float32  # bf16 matmuls ran ~170x slower than fp32 on an AVX2 CPU (benchmarks/cpu_matmul.py)
 RAM_HEADROOM = 1.1  # activations, KV cache and allocator slack over the raw weights
 
 
@@ -41,11 +42,10 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype_for(device: torch.device) -> torch.dtype:
-    """fp32 on a CPU (fastest there); bf16 on a GPU that has it, else fp16."""
-    if device.type == "cpu":
-        return COMPUTE_DTYPE
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def compute_dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """``--dtype``: bf16 on a GPU that has it (else fp16); on a CPU bf16 where it has bf16 matrix
+    instructions, else fp32 (:mod:`specchat.precision`)."""
+    return resolve_compute_dtype(choice, device)[0]
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Pipeline:
     offload: OffloadPlan
     device: torch.device = torch.device("cpu")
     config: RunConfig | None = None  # what it was loaded with (the calibration's key)
+    compute_dtype: torch.dtype = torch.float32  # the target's (and a 16-bit draft's)
 
     @property
     def tokenizer(self):
@@ -100,7 +101,7 @@ def _safetensors_headers(model_dir: Path) -> list[dict]:
 _WIDTHS = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
-def resident_bytes(model_dir: Path, dtype: torch.dtype = COMPUTE_DTYPE, layers: bool | None = None) -> int:
+def resident_bytes(model_dir: Path, dtype: torch.dtype, layers: bool | None = None) -> int:
     """Bytes the weights take once loaded in ``dtype``, from the safetensors headers.
 
     ``layers``: None counts every tensor, True only the decoder layers', False all the others.
@@ -160,7 +161,8 @@ def _auto_draft(
         )
     target_tokenizer = load_tokenizer(target_dir)
     device = resolve_device(config.device)
-    room = fast_memory_left(target_dir, config.offload, config.ram_budget, device)
+    dtype = compute_dtype_for(device, config.dtype)
+    room = fast_memory_left(target_dir, config.offload, config.ram_budget, device, dtype)
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)
@@ -170,7 +172,7 @@ def _auto_draft(
         except SpecchatError as exc:  # absent, corrupt, or another tokenizer
             skipped.append(f"{name}: {exc.what}")
             continue
-        needed = int(resident_bytes(draft_dir, compute_dtype_for(device)) * RAM_HEADROOM)
+        needed = int(draft_load_bytes(draft_dir, config, device, dtype) * RAM_HEADROOM)
         if needed > room:
             skipped.append(f"{name}: needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB left beside the target")
             continue
@@ -186,8 +188,19 @@ def _auto_draft(
     )
 
 
+def draft_load_bytes(draft_dir: Path, config: RunConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """The draft's loading peak: on a CPU an int8 draft from a 16-bit checkpoint peaks at about twice
+    the 16-bit weights, i.e. its float32 size (benchmarks/draft_load_peak.py); else its size in ``dtype``."""
+    int8 = config.draft_quant == "int8" and device.type == "cpu"
+    return resident_bytes(draft_dir, torch.float32 if int8 else dtype)
+
+
 def fast_memory_left(
-    target_dir: Path, offload: str = "auto", ram_budget: int | None = None, device: torch.device = torch.device("cpu")
+    target_dir: Path,
+    offload: str = "auto",
+    ram_budget: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
 ) -> int:
     """Memory of the compute device available beside the target.
 
@@ -198,24 +211,26 @@ def fast_memory_left(
     layers fill what it leaves.
     """
     if device.type == "cuda":
-        dtype = compute_dtype_for(device)
         layers = int(check_architecture(target_dir).num_hidden_layers)
         per_layer = resident_bytes(target_dir, dtype, layers=True) // max(layers, 1)
         least = resident_bytes(target_dir, dtype, layers=False) + 4 * per_layer + (1 << 30)
         return torch.cuda.mem_get_info(device)[0] - least
     if offload in ("none", "ram"):
-        floor = resident_bytes(target_dir)
+        floor = resident_bytes(target_dir, dtype)
     else:
         layers = int(check_architecture(target_dir).num_hidden_layers)
-        per_layer = resident_bytes(target_dir, layers=True) // max(layers, 1)
+        per_layer = resident_bytes(target_dir, dtype, layers=True) // max(layers, 1)
         kept = min(ram_budget or 0, layers * per_layer)
-        floor = resident_bytes(target_dir, layers=False) + kept + 2 * per_layer
+        floor = resident_bytes(target_dir, dtype, layers=False) + kept + 2 * per_layer
     return psutil.virtual_memory().available - int(floor * RAM_HEADROOM)
 
 
-def store_dtype_for(quant: str, target_dir: Path) -> str:
-    """The layer store's dtype for ``--quant``: the model's own 16-bit dtype, or NF4 for 4bit."""
-    return "nf4" if quant == "4bit" else stored_dtype(target_dir)
+def store_dtype_for(quant: str, target_dir: Path, compute_dtype: torch.dtype) -> str:
+    """The layer store's dtype for ``--quant``: NF4 for 4bit; else the compute dtype when that is
+    16-bit (a streamed layer is then used as read, with no conversion), or the model's own 16 bits."""
+    if quant == "4bit":
+        return "nf4"
+    return dtype_name(compute_dtype) if compute_dtype in (torch.float16, torch.bfloat16) else stored_dtype(target_dir)
 
 
 def resolve_quant(quant: str, offload_mode: str) -> str:
@@ -223,8 +238,10 @@ def resolve_quant(quant: str, offload_mode: str) -> str:
     return "16bit" if quant == "auto" else quant
 
 
-def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress: Progress) -> tuple[LoadedModel, OffloadPlan]:
-    model_bytes = resident_bytes(target_dir)
+def _load_target(
+    config: RunConfig, target_dir: Path, draft_bytes: int, dtype: torch.dtype, progress: Progress
+) -> tuple[LoadedModel, OffloadPlan]:
+    model_bytes = resident_bytes(target_dir, dtype)
     hf_config = check_architecture(target_dir)
     layers = int(hf_config.num_hidden_layers)
     mode = "none" if config.offload == "ram" else config.offload  # on a CPU, RAM offload is residency
@@ -233,19 +250,20 @@ def _load_target(config: RunConfig, target_dir: Path, draft_bytes: int, progress
     quant = resolve_quant(config.quant, plan.mode)
     if plan.mode == "none" and quant == "16bit":
         _check_ram(model_bytes + draft_bytes, "hold the models")
-        return load_resident(target_dir, COMPUTE_DTYPE), plan
-    dtype = store_dtype_for(quant, target_dir)
-    store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, dtype)
-    store = build_store(target_dir, store_path, dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
-    per_layer = layer_compute_bytes(store, COMPUTE_DTYPE)
+        return load_resident(target_dir, dtype), plan
+    store_dtype = store_dtype_for(quant, target_dir, dtype)
+    store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, store_dtype)
+    store = build_store(target_dir, store_path, store_dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
+    per_layer = layer_compute_bytes(store, dtype)
     if plan.mode == "none":  # 4-bit weights, every layer dequantised once and kept
         plan = OffloadPlan("none", layers, f"{plan.reason}; 4-bit NF4 weights from {store_path.name}")
     else:
         plan = plan_offload("ssd", layers, per_layer, model_bytes, available, config.ram_budget)
-        plan = OffloadPlan(plan.mode, plan.resident_layers, f"{plan.reason} ({'4-bit NF4' if dtype == 'nf4' else dtype})")
-    streamed_ring = 2 * per_layer if plan.resident_layers < layers else 0
+        plan = OffloadPlan(plan.mode, plan.resident_layers, f"{plan.reason} ({'4-bit NF4' if store_dtype == 'nf4' else store_dtype})")
+    # the ring: RING read buffers and RING layer slots (or, with no conversion, twice as many buffers that are the slots)
+    streamed_ring = RING * (store.layer_bytes + per_layer) if plan.resident_layers < layers else 0
     _check_ram(plan.resident_layers * per_layer + streamed_ring + (model_bytes - layers * per_layer) + draft_bytes, "stream the target")
-    lm = load_streamed(store, COMPUTE_DTYPE, resident_layers=plan.resident_layers)
+    lm = load_streamed(store, dtype, resident_layers=plan.resident_layers)
     return LoadedModel(lm, load_tokenizer(target_dir), target_dir), plan
 
 
@@ -254,7 +272,7 @@ def gpu_plan(
 ) -> OffloadPlan:
     """Where the target's layers go on ``device`` (:func:`plan_offload_gpu`) beside a draft of
     ``draft_bytes``; the layer-file size is estimated until the store exists."""
-    dtype = compute_dtype_for(device)
+    dtype = compute_dtype_for(device, config.dtype)
     layers = int(check_architecture(target_dir).num_hidden_layers)
     four_bit = resolve_quant(config.quant, config.offload) == "4bit"
     layer_bytes = resident_bytes(target_dir, dtype, layers=True) // max(layers, 1)
@@ -279,7 +297,7 @@ def _load_target_gpu(
     """The target on a GPU: resident when it fits, else its layers copied in every pass from
     pinned host RAM or the store (:mod:`specchat.devicestream`); a 4-bit target keeps its
     packed layer files on the GPU and dequantises them there."""
-    dtype = compute_dtype_for(device)
+    dtype = compute_dtype_for(device, config.dtype)
     layers = int(check_architecture(target_dir).num_hidden_layers)
     four_bit = resolve_quant(config.quant, config.offload) == "4bit"
     layer_bytes = resident_bytes(target_dir, dtype, layers=True) // layers
@@ -289,7 +307,7 @@ def _load_target_gpu(
     if plan.mode == "none" and not four_bit:
         _check_vram(other_bytes + layers * layer_bytes, vram_free, device, "hold the target")
         return load_resident(target_dir, dtype, str(device)), plan
-    store_dtype = store_dtype_for(resolve_quant(config.quant, plan.mode), target_dir)
+    store_dtype = store_dtype_for(resolve_quant(config.quant, plan.mode), target_dir, dtype)
     store_path = store_dir_for(config.store or cache_dir() / "stores", target_dir, store_dtype)
     store = build_store(target_dir, store_path, store_dtype, _store_progress(progress), dense_dtype=stored_dtype(target_dir))
     # Again with the layer files' real size (same --offload, so an auto choice keeps its reason).
@@ -330,15 +348,14 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
     # refuses a mismatched draft before loading gigabytes
     draft_ref, draft_dir, reason = _choose_draft(config, target_ref, target_dir, registry, progress)
     device = resolve_device(config.device)
-    dtype = compute_dtype_for(device)
-    # The draft's loading peak: its float32 size on a CPU (int8 from a 16-bit checkpoint peaks at about
-    # twice the 16-bit weights, benchmarks/draft_load_peak.py), its 16-bit size on a GPU.
-    draft_bytes = resident_bytes(draft_dir, dtype) if draft_dir else 0
+    dtype, dtype_reason = resolve_compute_dtype(config.dtype, device)
+    draft_bytes = draft_load_bytes(draft_dir, config, device, dtype) if draft_dir else 0
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    progress(dtype_reason)
     if device.type == "cuda":
         target, plan = _load_target_gpu(config, target_dir, draft_bytes, device, progress)
     else:
-        target, plan = _load_target(config, target_dir, draft_bytes, progress)
+        target, plan = _load_target(config, target_dir, draft_bytes, dtype, progress)
     progress(plan.reason)
     draft = None
     if draft_dir is not None:
@@ -349,7 +366,7 @@ def load_pipeline(config: RunConfig, progress: Progress) -> Pipeline:
             draft = load_resident(draft_dir, dtype, str(device))
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     pipeline = Pipeline(
-        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device, config
+        engine, target, draft, target_ref.display, draft_ref.display if draft_ref else None, reason, plan, device, config, dtype
     )
     if draft is not None and config.budget is None:  # --budget auto runs on the cost model
         ensure_calibration(pipeline, config, progress)
@@ -363,7 +380,7 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
     from . import __version__
 
     return (
-        f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} "
+        f"{pipeline.target_name} quant={resolve_quant(config.quant, pipeline.offload.mode)} dtype={dtype_name(pipeline.compute_dtype)} "
         f"{'' if pipeline.device.type == 'cpu' else f'device={_device_label(pipeline.device)} '}"
         f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
         f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "

@@ -55,7 +55,7 @@ def _materialize_or_download(ref: ModelRef, progress) -> Path:
         return materialize(ref, progress)
 
 
-SETUP_KEYS = ("model", "draft", "offload", "quant", "ram_budget", "store", "device")  # what setup decides
+SETUP_KEYS = ("model", "draft", "offload", "quant", "ram_budget", "store", "device", "dtype")  # what setup decides
 
 
 def write_config(path: Path, values: dict[str, str], drop: tuple[str, ...] = ()) -> None:
@@ -107,13 +107,14 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
             draft_name = draft_ref.display
             progress(f"draft {draft_name}: ready")
             break
-    model_bytes = resident_bytes(target_dir)
     from .loading import check_architecture
 
     layers = int(check_architecture(target_dir).num_hidden_layers)
     device = resolve_device(settings.device)
+    dtype = compute_dtype_for(device, settings.dtype)
+    model_bytes = resident_bytes(target_dir, dtype)
     if device.type == "cuda":  # the draft goes on the GPU first; the target's layers fill what it leaves
-        draft_bytes = resident_bytes(draft_dir, compute_dtype_for(device)) if draft_dir is not None else 0
+        draft_bytes = resident_bytes(draft_dir, dtype) if draft_dir is not None else 0
         plan = gpu_plan(settings, target_dir, draft_bytes, device)
     else:
         available = psutil.virtual_memory().available
@@ -121,10 +122,10 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
     progress(plan.reason)
     quant = resolve_quant(settings.quant, plan.mode)
     if plan.mode in ("ram", "ssd") or quant == "4bit":  # ("ram" only on a GPU: layers copied from pinned RAM)
-        dtype = store_dtype_for(quant, target_dir)
-        path = store_dir_for(settings.store or cache_dir() / "stores", target_dir, dtype)
+        store_dtype = store_dtype_for(quant, target_dir, dtype)
+        path = store_dir_for(settings.store or cache_dir() / "stores", target_dir, store_dtype)
         build_store(
-            target_dir, path, dtype,
+            target_dir, path, store_dtype,
             lambda done, total: progress(f"layer store: {done}/{total}") if done == total or done % 8 == 0 else None,
             dense_dtype=stored_dtype(target_dir),
         )
@@ -142,6 +143,8 @@ def run_setup(model: str, settings: RunConfig, yes: bool) -> None:
         values["store"] = str(settings.store)
     if settings.device != "auto":
         values["device"] = settings.device
+    if settings.dtype != "auto":
+        values["dtype"] = settings.dtype
     write_config(config_file(), values, drop=SETUP_KEYS)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if draft_name is not None:

@@ -117,6 +117,8 @@ def detect_report(facts: dict, advice: dict, out: TextIO, calibrated: list[dict]
     console = Console(file=out, width=200, highlight=False, soft_wrap=True)
     cpu = facts["cpu"]
     console.print(f"CPU     {cpu['name']}: {cpu['cores']} cores / {cpu['threads']} threads; {', '.join(cpu['vector_extensions']) or 'no vector extensions found'}")
+    bf16 = f", bfloat16 {cpu['bf16_gflops']:.0f}" if cpu.get("bf16_gflops") else ""
+    console.print(f"        matrix products: float32 {cpu['fp32_gflops']:.0f} GFLOP/s{bf16}; {cpu['compute_dtype_reason']}", markup=False)
     console.print(f"RAM     {_gb(facts['ram_total'])} total, {_gb(facts['ram_available'])} available")
     if not facts["gpus"]:
         console.print("GPU     none (torch sees no CUDA device)")

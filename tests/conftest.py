@@ -52,7 +52,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """No test reads the user's config; the demo cache stays shared to avoid re-converting."""
+    """No test reads the user's config; the demo cache stays shared to avoid re-converting.
+
+    ``--dtype auto`` sees a CPU without bf16 matrix instructions, so every test computes in
+    float32 whatever machine runs it; the bf16 tests ask for it (tests/test_precision.py)."""
+    monkeypatch.setattr("specchat.precision.CPUINFO", tmp_path / "no-cpuinfo")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     for key in list(os.environ):

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from specchat.cli import app
@@ -32,12 +33,31 @@ def test_detect_json_has_every_fact_and_a_recommendation(tmp_path):
     assert result.exit_code == 0, result.stderr
     facts = json.loads(result.stdout)
     assert {"cpu", "ram_total", "ram_available", "gpus", "store_dir", "disk_free", "disk_read_gbps", "disk_direct_io", "recommendation"} <= set(facts)
-    assert {"name", "cores", "threads", "vector_extensions", "fp32_gflops"} <= set(facts["cpu"])
+    assert {"name", "cores", "threads", "vector_extensions", "fp32_gflops", "bf16_gflops", "compute_dtype"} <= set(facts["cpu"])
+    assert facts["cpu"]["compute_dtype"] == "float32" and facts["cpu"]["bf16_gflops"] is None  # (tests see no bf16 flags)
     assert facts["disk_read_gbps"] > 0 and facts["ram_total"] >= facts["ram_available"] > 0
-    assert set(facts["recommendation"]) == {"target", "draft", "quant", "offload", "budget"}
+    assert set(facts["recommendation"]) == {"target", "draft", "quant", "dtype", "offload", "budget"}
     assert all(item["reason"] for item in facts["recommendation"].values())
     assert not list((tmp_path / "stores").glob(".specchat-probe-*"))  # the probe file is gone
     assert facts["calibrated_budget"] == []  # nothing calibrated in this fresh config dir
+
+
+def test_detect_on_a_cpu_with_bf16_units_recommends_bfloat16_and_fits_16bit_sizes(tmp_path, monkeypatch):
+    from specchat import hardware
+    from specchat.registry import load_registry
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    monkeypatch.setattr("specchat.precision.CPUINFO", cpuinfo)
+    monkeypatch.setattr(hardware, "matmul_flops", lambda dtype=torch.float32, tokens=256: 400e9 if dtype == torch.bfloat16 else 100e9)
+    result = runner.invoke(app, ["detect", "--store", str(tmp_path / "stores")])
+    assert result.exit_code == 0, result.stderr
+    assert "matrix products: float32 100 GFLOP/s, bfloat16 400; compute bfloat16: the CPU has amx_bf16" in result.stdout
+    assert "(400 vs 100 GFLOP/s at 256 rows)" in result.stdout
+    entry = load_registry()["demo-1.5b"]
+    room = {"gpus": [], "ram_available": int(entry.bytes_at(16) * 1.5), "disk_free": 10**12}
+    assert hardware.fit(entry, room | {"cpu": {"compute_dtype": "bfloat16"}}) == "ram"
+    assert hardware.fit(entry, room | {"cpu": {"compute_dtype": "float32"}}) == "ssd"  # 32-bit weights do not fit
 
 
 def test_models_json_lists_the_demo_pair_as_present():

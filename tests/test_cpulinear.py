@@ -22,6 +22,21 @@ def test_weight_left_linear_equals_linear(dtype, atol, bias, shape):
     assert torch.allclose(out, plain(x), atol=atol)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 128, 129, 300])  # one row doubled; above 128 rows the standard layout
+def test_bf16_weight_left_linear_equals_the_float32_product_to_bf16_rounding(rows):
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 96, bias=True)
+    fast = use_weight_left_linears(nn.Sequential(nn.Linear(64, 96, bias=True)))[0]
+    fast.load_state_dict(plain.state_dict())
+    fast.to(torch.bfloat16)
+    x = torch.randn(rows, 64)
+    out = fast(x.to(torch.bfloat16))
+    assert out.shape == (rows, 96) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    exact = nn.functional.linear(x.to(torch.bfloat16).double(), fast.weight.double(), fast.bias.double())  # the bf16 inputs' product
+    assert torch.allclose(out.double(), exact, rtol=2**-7, atol=2**-6)
+    assert torch.equal(fast(x[:1].to(torch.bfloat16)), out[:1]) or rows > 128  # a lone row gives what it gives in a batch
+
+
 def test_only_plain_linears_are_switched():
     class Other(nn.Linear):
         pass

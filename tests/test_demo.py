@@ -21,7 +21,7 @@ MT_BENCH = Path(__file__).resolve().parents[1] / "specchat" / "data" / "mt_bench
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_pipeline(RunConfig(model="demo"), progress=lambda message: None)
+    return load_pipeline(RunConfig(model="demo", dtype="float32"), progress=lambda message: None)  # the exact float32 path
 
 
 def first_turns(n: int) -> list[str]:

@@ -34,7 +34,7 @@ def pretend_gpu(monkeypatch):
         free = other + (1 << 30) + (2 * (per_layer + store.layer_bytes) if ring else 0) + kept * kept_bytes + kept_bytes // 2
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
 
-    monkeypatch.setattr(pipeline, "compute_dtype_for", lambda device: torch.float32)
+    monkeypatch.setattr(pipeline, "compute_dtype_for", lambda device, choice="auto": torch.float32)
     return with_room
 
 

@@ -385,3 +385,60 @@ def test_nf4_into_a_float32_parameter_equals_the_definition(monkeypatch, shape):
     fallback = torch.full(weight.shape, float("nan"))
     assert torch.equal(quant4.dequantize_nf4(packed, absmax, tuple(weight.shape), out=fallback), expected)
     assert torch.equal(quant4.dequantize_nf4(packed, absmax, tuple(weight.shape)).float(), expected.to(quant4.DEQUANT_DTYPE).float())
+
+
+@pytest.mark.parametrize("store_dtype, compute, zero_copy", [("bfloat16", torch.bfloat16, True), ("float16", torch.float32, False)])
+def test_a_store_in_the_compute_dtype_streams_without_copying(model_dir, tmp_path, store_dtype, compute, zero_copy):
+    store = build_store(model_dir, tmp_path / "store", store_dtype)
+    streamed = load_streamed(store, compute, resident_layers=1)
+    source = streamed.layer_source
+    assert source.zero_copy is zero_copy
+    if zero_copy:  # every slot's weights are its read buffer's bytes; twice the ring for the same RAM
+        assert len(source.buffers) == min(4, len(source.streamed))
+        for slot, buffer in zip(source.slots, source.buffers):
+            assert all(p.data_ptr() == v.data_ptr() for p, v in zip(slot.params, buffer.views))
+    reference = load_resident(model_dir, compute).lm
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    first, second = logits(streamed, ids), logits(streamed, ids)  # the ring's buffers are reused
+    assert torch.equal(first, second)
+    if zero_copy:
+        assert torch.equal(first, logits(reference, ids))
+
+
+@pytest.mark.parametrize("store_dtype, compute", [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+def test_prefetch_reads_the_first_layers_before_the_pass_and_changes_nothing_else(model_dir, tmp_path, store_dtype, compute):
+    store = build_store(model_dir, tmp_path / "store", store_dtype)
+    streamed = load_streamed(store, compute, resident_layers=1)
+    source = streamed.layer_source
+    expected = logits(streamed, [1, 2, 3])
+    before = streamed.bytes_read()
+    streamed.prefetch()
+    streamed.prefetch()  # a second hint before the pass starts nothing more
+    state = source._prefetched
+    for future in list(state.fills.values()):
+        future.result()
+    for future in list(state.reads.values()):  # with conversion, a filled slot frees its buffer for one more read
+        future.result()
+    ahead = min(len(source.buffers) + (0 if source.zero_copy else len(source.slots)), len(source.streamed))
+    assert streamed.bytes_read() - before == ahead * store.layer_bytes  # read while nothing computed
+    assert torch.equal(logits(streamed, [1, 2, 3]), expected)
+    assert streamed.bytes_read() - before == len(source.streamed) * store.layer_bytes  # each layer once per pass
+    assert torch.equal(logits(streamed, [1, 2, 3]), expected)  # and a pass without a hint still reads it all
+
+
+def test_the_engine_hints_a_streamed_target_before_drafting(model_dir, tmp_path):
+    from specchat.engine import Engine, GenerationConfig
+
+    from tiny import CharTokenizer, tiny_lm
+
+    store = build_store(model_dir, tmp_path / "store", "float32")
+    streamed = load_streamed(store, torch.float32)
+    hints = []
+    original = streamed.prefetch
+    streamed.prefetch = lambda: (hints.append(streamed.bytes_read()), original())
+    resident = load_resident(model_dir, torch.float32).lm
+    draft = tiny_lm(1, vocab=resident.vocab_size)
+    config = GenerationConfig(method="specexec", budget=4, max_new_tokens=6)
+    ours = list(Engine(streamed, draft, CharTokenizer(), []).generate([1, 2, 3], config))[-1]
+    plain = list(Engine(resident, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=6)))[-1]
+    assert ours.token_ids == plain.token_ids and len(hints) == ours.stats.target_passes
