@@ -27,7 +27,7 @@ import torch
 
 from .kvcache import KVCache
 from .lm import LanguageModel
-from .sampling import SamplingParams, draft_log_scores, probabilities
+from .sampling import SamplingParams, draft_top_log_scores, probabilities
 from .tree import Tree, TreeBuilder
 
 
@@ -99,8 +99,8 @@ def grow_specexec(
     # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
     root_s = growth.width_costs[0][1] if growth.width_costs else (growth.draft_step_s or 0.0)
     spent_s, predicted_s = root_s, (root_s if growth.width_costs else 0.0)
-    scores = draft_log_scores(builder.expand_root(), sampling)  # (1, V)
-    _offer_children(builder, [0], scores, budget, threshold=-math.inf)
+    scores, tokens = draft_top_log_scores(builder.expand_root(), sampling, budget)  # (1, K) each
+    _offer_children(builder, [0], scores, tokens, budget, threshold=-math.inf)
     while builder.draft_forwards < growth.max_steps:
         threshold = _kth_best(builder.scores[1:], budget)
         frontier = [
@@ -123,25 +123,27 @@ def grow_specexec(
         mass = sum(math.exp(builder.scores[n]) for n in nodes)
         if not growth.step_pays_off(mass, expected, spent_s, step_s):
             break
-        scores = draft_log_scores(builder.expand(nodes), sampling)  # (B, V)
-        _offer_children(builder, nodes, scores, budget, threshold)
+        scores, tokens = draft_top_log_scores(builder.expand(nodes), sampling, budget)  # (B, K) each
+        _offer_children(builder, nodes, scores, tokens, budget, threshold)
         spent_s += step_s or 0.0
         predicted_s += step_s if growth.width_costs else 0.0
     return Growth(builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards, predicted_s)
 
 
 def _offer_children(
-    builder: TreeBuilder, nodes: list[int], log_scores: torch.Tensor, budget: int, threshold: float
+    builder: TreeBuilder, nodes: list[int], log_scores: torch.Tensor, tokens: torch.Tensor, budget: int, threshold: float
 ) -> None:
-    """Add the best ``budget`` children of ``nodes`` whose path score beats ``threshold``."""
+    """Add the best ``budget`` children of ``nodes`` whose path score beats ``threshold``.
+
+    log_scores, tokens: (B, K) each row's best K children (:func:`draft_top_log_scores`)."""
     parent_scores = torch.tensor([builder.scores[n] for n in nodes], dtype=torch.float64)
-    path_scores = parent_scores[:, None] + log_scores  # (B, V)
-    vocab = path_scores.shape[1]
+    path_scores = parent_scores[:, None] + log_scores  # (B, K)
+    width = path_scores.shape[1]
     best, flat = path_scores.flatten().topk(min(budget, path_scores.numel()))
     for score, index in zip(best.tolist(), flat.tolist()):
         if score <= threshold or score == -math.inf:
             break  # topk is sorted: nothing further can enter the tree
-        builder.add(nodes[index // vocab], index % vocab, score)
+        builder.add(nodes[index // width], int(tokens[index // width, index % width]), score)
 
 
 def _kth_best(scores: list[float], k: int) -> float:

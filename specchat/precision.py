@@ -72,7 +72,7 @@ def resolve_compute_dtype(choice: str, device: torch.device, flags: set[str] | N
     if choice != "auto":
         return getattr(torch, choice), f"compute {choice}: --dtype {choice}"
     if found:
-        return torch.bfloat16, f"compute bfloat16: the CPU has {found[0]} (bf16 products 2-4x faster than float32 here)"
+        return torch.bfloat16, f"compute bfloat16: the CPU has {found[0]} (bf16 matrix products run several times faster than float32)"
     return torch.float32, "compute float32: the CPU has no bf16 matrix instructions (amx_bf16 / avx512_bf16)"
 
 

@@ -57,3 +57,20 @@ def test_top_p_over_the_top_k_equals_a_full_sort(sharpness, top_p):
     probs = torch.softmax(logits, dim=-1)
     assert torch.equal(top_p_filter(probs, top_p) > 0, _top_p_by_full_sort(probs, top_p) > 0)
     assert torch.allclose(top_p_filter(probs, top_p), _top_p_by_full_sort(probs, top_p), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.7, 0.9), SamplingParams(1.0, 0.5), SamplingParams(0.3, 0.999)])
+@pytest.mark.parametrize("k", [1, 7, 64, 300])
+def test_the_top_k_draft_scores_are_the_full_scores_best_k(params, k):
+    from specchat.sampling import draft_log_scores, draft_top_log_scores
+
+    torch.manual_seed(k)
+    logits = torch.randn(5, 300) * 4  # (N, V)
+    full = draft_log_scores(logits, params)  # (N, V) float64
+    scores, tokens = draft_top_log_scores(logits, params, k)
+    assert scores.shape == tokens.shape == (5, min(k, 300)) and scores.dtype == torch.float64
+    expected = full.topk(min(k, 300), dim=-1).values
+    finite = expected > -torch.inf
+    assert torch.equal(scores > -torch.inf, finite)  # the same tokens inside the nucleus
+    assert torch.allclose(scores[finite], expected[finite], atol=1e-5)
+    assert torch.allclose(full.gather(-1, tokens)[finite], scores[finite], atol=1e-5)  # each score is its token's
