@@ -112,7 +112,9 @@ def draft_top_log_scores(logits: torch.Tensor, params: SamplingParams, k: int) -
             break
         width = min(width * 4, vocab)
     k = min(k, vocab)
-    return log_probs[:, :k], tokens[:, :k]
+    # <= 0 exactly: a child must never outscore its parent (or the best-K set is no longer a tree);
+    # log(p / p) of a one-token nucleus can round to +1e-16 on the way through exp and log.
+    return log_probs[:, :k].clamp_max(0.0), tokens[:, :k]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

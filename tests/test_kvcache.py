@@ -76,3 +76,15 @@ def test_keep_refuses_slots_inside_the_prefix_or_past_the_end():
         cache.keep(2, torch.tensor([1]))
     with pytest.raises(ValueError):
         cache.keep(2, torch.tensor([4]))
+
+
+def test_the_cache_goes_to_each_decoder_layer_under_the_name_its_forward_takes():
+    from specchat.lm import _cache_keyword
+
+    class Older:  # transformers before 5.24
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, **kwargs): ...
+
+    class Newer:
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs): ...
+
+    assert _cache_keyword(Older) == "past_key_values" and _cache_keyword(Newer) == "cache"

@@ -74,3 +74,30 @@ def test_the_top_k_draft_scores_are_the_full_scores_best_k(params, k):
     assert torch.equal(scores > -torch.inf, finite)  # the same tokens inside the nucleus
     assert torch.allclose(scores[finite], expected[finite], atol=1e-5)
     assert torch.allclose(full.gather(-1, tokens)[finite], scores[finite], atol=1e-5)  # each score is its token's
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_top_k_draft_scores_never_exceed_zero_so_children_never_outscore_parents(top_p):
+    """A peaked row whose nucleus is one token scores it log(p / p): exactly 0, never above
+    (a child above its parent broke the tree's ancestor closure in a t=0.6 sweep)."""
+    from specchat.sampling import draft_top_log_scores
+
+    torch.manual_seed(3)
+    logits = torch.randn(64, 1000)
+    logits[torch.arange(64), torch.randint(0, 1000, (64,))] += torch.linspace(5, 40, 64)  # ever more peaked rows
+    scores, _ = draft_top_log_scores(logits, SamplingParams(0.6, top_p), 16)
+    assert bool((scores <= 0).all())
+
+
+def test_specexec_growth_with_a_peaked_sampled_draft_keeps_a_tree():
+    from specchat.growth import GrowthParams, grow_specexec
+
+    from tiny import tiny_lm
+
+    draft = tiny_lm(1)
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(20.0)  # nuclei of one token almost everywhere
+    for budget in (4, 16, 64):
+        tree = grow_specexec(draft, draft.new_cache(), [1, 2, 3], GrowthParams(budget, batch=4), SamplingParams(0.6, 0.9)).tree
+        parents = tree.parents.tolist()
+        assert all(parent < node for node, parent in enumerate(parents) if node)  # ancestor-closed, parents first
