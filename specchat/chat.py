@@ -186,6 +186,7 @@ class ChatSession:
             f"{t.new_tokens / max(t.passes, 1):.2f} tok/pass, {t.new_tokens / max(t.decode_s, 1e-9):.2f} tok/s",
             f"settings: method {self.settings.method}, budget {self._budget_text()}, temperature {self.settings.temperature:g}, "
             f"top_p {self.settings.top_p:g}, max_tokens {self.settings.max_new_tokens}",
+            self._models_text(),
         ]
         if self.last_stats:
             s = self.last_stats
@@ -194,6 +195,16 @@ class ChatSession:
                 f"tokens per pass: {' '.join(map(str, self.last_pass_sizes))}"
             )
         return lines, False
+
+    def _models_text(self) -> str:
+        pipeline = self.pipeline
+        plan = pipeline.offload
+        placement = (
+            "resident" if plan.mode == "none"
+            else f"offload {plan.mode}, {plan.resident_layers} of {pipeline.engine.target.num_layers} layers kept"
+        )
+        draft = f"draft {pipeline.draft_name}" if pipeline.draft_name else "no draft"
+        return f"models: {pipeline.target_name} ({str(pipeline.compute_dtype).removeprefix('torch.')}, {placement}), {draft}"
 
     def _needs_calibration(self) -> bool:
         engine = self.pipeline.engine
