@@ -185,14 +185,16 @@ def grow_specinfer(
         # Greedy: the draft's own top tokens (temperature 1); sampled: q as the target sees it.
         greedy_q = SamplingParams(temperature=1.0) if sampling.greedy else sampling
         draft_probs = probabilities(logits, greedy_q)  # (B, V) float64
-        draw_from = None if sampling.greedy else generator
+        drawn_probs, drawn_tokens = _draw_rows_without_replacement(
+            draft_probs, min(branch, remaining), None if sampling.greedy else generator
+        )  # (B, k) each, draw order; probability 0 past a row's support
         next_level: list[int] = []
         for row, node in enumerate(level):
             builder.draft_probs[node] = draft_probs[row]
-            n_children = min(branch, remaining, int((draft_probs[row] > 0).sum()))
-            for token in _draw_without_replacement(draft_probs[row], n_children, draw_from):
-                child = builder.add(node, token, builder.scores[node] + math.log(draft_probs[row, token]))
-                next_level.append(child)
+            row_probs, row_tokens = drawn_probs[row].tolist(), drawn_tokens[row].tolist()
+            n_children = min(branch, remaining, sum(1 for prob in row_probs if prob > 0))
+            for prob, token in zip(row_probs[:n_children], row_tokens[:n_children]):
+                next_level.append(builder.add(node, token, builder.scores[node] + math.log(prob)))
             remaining -= n_children
             if remaining == 0:
                 break
@@ -205,20 +207,28 @@ def grow_specinfer(
     return builder.finish(list(range(len(builder.tokens)))), builder.draft_forwards
 
 
-def _draw_without_replacement(
+def _draw_rows_without_replacement(
     probs: torch.Tensor, count: int, generator: torch.Generator | None
-) -> list[int]:
-    """``count`` distinct tokens from (V,) ``probs``, in draw order (Gumbel-top-k).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` distinct tokens per row of (B, V) ``probs``, in draw order (Gumbel-top-k).
 
-    Sorting log p + Gumbel noise is the same as drawing one token after
-    another without replacement.  With no generator (greedy decoding) the
-    most probable tokens are taken instead, in order.
+    Returns (their probabilities, their token ids), both (B, count); a row with
+    fewer than ``count`` tokens of non-zero probability ends in zeros.  Sorting
+    log p + Gumbel noise is the same as drawing one token after another without
+    replacement.  Only the top ``support`` tokens can ever be drawn (support: the
+    longest row's count of non-zero tokens -- the nucleus, with top-p), so the
+    noise is drawn over those alone: (B, support) instead of (B, V).  With no
+    generator (greedy decoding) the most probable tokens are taken, in order.
     """
+    count = min(count, probs.shape[-1])
     if count <= 0:
-        return []
+        return probs[:, :0], torch.zeros(probs.shape[0], 0, dtype=torch.long)
     if generator is None:
-        return probs.topk(count).indices.tolist()
-    uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+        return probs.topk(count, dim=-1)
+    support = max(count, int((probs > 0).sum(dim=-1).max()))
+    candidate_probs, candidate_tokens = probs.topk(support, dim=-1)  # (B, support)
+    uniform = torch.rand(candidate_probs.shape, dtype=torch.float64, generator=generator)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    keys = probs.log() + gumbel
-    return keys.topk(count).indices.tolist()
+    keys = candidate_probs.log() + gumbel  # -inf where p = 0: drawn last, never counted
+    order = keys.topk(count, dim=-1).indices  # (B, count)
+    return candidate_probs.gather(-1, order), candidate_tokens.gather(-1, order)
