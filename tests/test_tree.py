@@ -107,3 +107,38 @@ def test_a_step_pays_off_only_while_it_adds_more_than_it_costs():
     assert growth.step_pays_off(0.2, 2.0, 0.5, 0.1)
     assert not growth.step_pays_off(0.1, 2.0, 0.5, 0.1)
     assert GrowthParams(budget=64).step_pays_off(0.0, 2.0, 0.5, 0.1)  # no target time measured yet: keep growing
+
+
+def test_batched_gumbel_draws_follow_sequential_sampling_without_replacement():
+    """The (first, second) children drawn per row follow p_a * p_b / (1 - p_a), rows independent."""
+    from scipy.stats import chisquare
+
+    from specchat.growth import _draw_rows_without_replacement
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.1, 0.0, 0.6, 0.3, 0.0]], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    trials = 6000
+    counts = [dict() for _ in probs]
+    for _ in range(trials):
+        drawn_probs, drawn_tokens = _draw_rows_without_replacement(probs, 2, generator)
+        for row in range(len(probs)):
+            pair = tuple(drawn_tokens[row].tolist())
+            assert torch.equal(drawn_probs[row], probs[row, drawn_tokens[row]])
+            counts[row][pair] = counts[row].get(pair, 0) + 1
+    for row, row_counts in enumerate(counts):
+        p = probs[row].tolist()
+        pairs = [(a, b) for a in range(5) for b in range(5) if a != b and p[a] > 0 and p[b] > 0]
+        assert set(row_counts) <= set(pairs)  # never a zero-probability token, never a repeat
+        expected = [trials * p[a] * p[b] / (1 - p[a]) for a, b in pairs]
+        assert chisquare([row_counts.get(pair, 0) for pair in pairs], expected).pvalue > 0.01
+
+
+def test_batched_draws_stop_at_a_row_support():
+    from specchat.growth import _draw_rows_without_replacement
+
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    drawn_probs, drawn_tokens = _draw_rows_without_replacement(probs, 3, torch.Generator().manual_seed(1))
+    assert drawn_probs[0].tolist()[0] == 1.0 and drawn_probs[0].tolist()[1:] == [0.0, 0.0]
+    assert sorted(drawn_tokens[1].tolist()[:2]) == [0, 1] and drawn_probs[1].tolist()[2] == 0.0
+    greedy_probs, greedy_tokens = _draw_rows_without_replacement(probs, 2, None)
+    assert greedy_tokens[0].tolist()[0] == 0 and greedy_probs[1].tolist() == [0.5, 0.5]
