@@ -14,6 +14,7 @@ as do the embeddings and the LM head (resident anyway).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +23,12 @@ from .errors import ConfigError
 
 BLOCK = 64
 DEQUANT_DTYPE = torch.float16  # a fresh result's dtype when no ``out`` is given (the layer slots always give one)
+
+
+# bitsandbytes warns, on CPUs with AVX512-BF16, that it could not fetch an optional 4-bit matmul
+# kernel (the ``kernels`` package, from the hub).  specchat never multiplies in 4 bits (it
+# dequantises into 16-bit slots), so that line only alarms users; keep it out of their stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _bnb():

@@ -442,3 +442,14 @@ def test_the_engine_hints_a_streamed_target_before_drafting(model_dir, tmp_path)
     ours = list(Engine(streamed, draft, CharTokenizer(), []).generate([1, 2, 3], config))[-1]
     plain = list(Engine(resident, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=6)))[-1]
     assert ours.token_ids == plain.token_ids and len(hints) == ours.stats.target_passes
+
+
+def test_bitsandbytes_optional_kernel_warning_stays_off_stderr():
+    """On AVX512-BF16 CPUs bitsandbytes logs that it could not fetch a 4-bit matmul kernel we never use."""
+    import subprocess
+    import sys
+
+    code = "import specchat.quant4 as q, torch; q._bnb(); import bitsandbytes"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr
