@@ -140,10 +140,11 @@ def _offer_children(
     path_scores = parent_scores[:, None] + log_scores  # (B, K)
     width = path_scores.shape[1]
     best, flat = path_scores.flatten().topk(min(budget, path_scores.numel()))
-    for score, index in zip(best.tolist(), flat.tolist()):
+    child_tokens = tokens.flatten()[flat].tolist()  # one gather, not a tensor index per child
+    for score, index, token in zip(best.tolist(), flat.tolist(), child_tokens):
         if score <= threshold or score == -math.inf:
             break  # topk is sorted: nothing further can enter the tree
-        builder.add(nodes[index // width], int(tokens[index // width, index % width]), score)
+        builder.add(nodes[index // width], token, score)
 
 
 def _kth_best(scores: list[float], k: int) -> float:
