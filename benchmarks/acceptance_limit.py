@@ -27,12 +27,12 @@ import statistics
 
 import torch
 
-from specchat.bench import load_prompts
-from specchat.config import RunConfig
-from specchat.engine import GenerationConfig
-from specchat.events import DoneEvent
-from specchat.lm import causal_visibility
-from specchat.pipeline import load_pipeline
+from specchat.bench.sweep import load_prompts
+from specchat.app.config import RunConfig
+from specchat.engine.engine import GenerationConfig
+from specchat.engine.events import DoneEvent
+from specchat.model.lm import causal_visibility
+from specchat.app.loader import load_pipeline
 
 MAX_DEPTH = 32
 
@@ -59,9 +59,9 @@ def main() -> None:
     ks = [int(k) for k in args.taus.split(",")]
     config = RunConfig(model="demo-1.5b", draft="demo-0.5b", quant="16bit", offload="none", method="ar")
     pipeline = load_pipeline(config, progress=lambda message: None)
-    from specchat.loading import load_int8  # the draft exactly as the engine uses it on a CPU (int8)
-    from specchat.sources import materialize, parse_model_spec
-    from specchat.registry import load_registry
+    from specchat.model.loading import load_int8  # the draft exactly as the engine uses it on a CPU (int8)
+    from specchat.sources.resolve import materialize, parse_model_spec
+    from specchat.sources.registry import load_registry
 
     draft = load_int8(materialize(parse_model_spec("demo-0.5b", load_registry()))).lm
     ranks_all: list[int] = []

@@ -1,5 +1,5 @@
 """Decoder-sized products on this CPU per compute dtype and layout (what ``--dtype auto`` and
-:class:`specchat.cpulinear.WeightLeftLinear` rely on).
+:class:`specchat.model.cpulinear.WeightLeftLinear` rely on).
 
     .venv/bin/python benchmarks/cpu_dtype.py [--rows 1,2,4,16,64,128,256,512]
 
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from specchat.precision import BF16_CPU_FLAGS, cpu_flags
+from specchat.weights.precision import BF16_CPU_FLAGS, cpu_flags
 
 
 def best_ms(fn, repeats: int) -> float:

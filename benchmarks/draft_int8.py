@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from specchat.lm import causal_visibility
-from specchat.loading import load_resident, quantize_int8
-from specchat.sources import materialize, parse_model_spec
-from specchat.registry import load_registry
+from specchat.model.lm import causal_visibility
+from specchat.model.loading import load_resident, quantize_int8
+from specchat.sources.resolve import materialize, parse_model_spec
+from specchat.sources.registry import load_registry
 
 
 def step_time(lm, batch: int, repeats: int = 5) -> float:

@@ -13,9 +13,9 @@ import sys
 
 CHILD = """
 import gc, resource, sys, time, psutil, torch
-from specchat.loading import load_int8, load_resident, quantize_int8
-from specchat.registry import load_registry
-from specchat.sources import materialize, parse_model_spec
+from specchat.model.loading import load_int8, load_resident, quantize_int8
+from specchat.sources.registry import load_registry
+from specchat.sources.resolve import materialize, parse_model_spec
 path = materialize(parse_model_spec(sys.argv[2], load_registry()))
 before = psutil.Process().memory_info().rss
 start = time.perf_counter()

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from specchat.bench import load_prompts
-from specchat.config import RunConfig
-from specchat.engine import GenerationConfig
-from specchat.events import DoneEvent, TextEvent
-from specchat.pipeline import calibration_file, calibration_key, load_pipeline
-from specchat.costmodel import load_calibration
+from specchat.bench.sweep import load_prompts
+from specchat.app.config import RunConfig
+from specchat.engine.engine import GenerationConfig
+from specchat.engine.events import DoneEvent, TextEvent
+from specchat.app.calibration import calibration_file, calibration_key
+from specchat.app.loader import load_pipeline
+from specchat.engine.autobudget.costmodel import load_calibration
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 A random-init Llama of 8B shape (32 layers, hidden 4096, MLP 14336, 8 KV heads,
 vocab 128256) is written as a safetensors directory, turned into 16-bit and NF4
 layer stores by specchat's own ``build_store``, and run through
-``specchat.devicestream`` -- the code ``specchat run --offload ram|ssd`` uses on a GPU:
+``specchat.model.stream.device`` -- the code ``specchat run --offload ram|ssd`` uses on a GPU:
 
   ram  every layer waits in pinned host RAM and is copied to the GPU each pass;
   ssd  every layer is read from the store (direct I/O) into pinned staging buffers first.
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from specchat.lm import LayeredLM, causal_visibility
-from specchat.offload import load_streamed
-from specchat.quant4 import quantizable, roundtrip_nf4
-from specchat.store import build_store
+from specchat.model.lm import LayeredLM, causal_visibility
+from specchat.model.stream.build import load_streamed
+from specchat.weights.quant4 import quantizable, roundtrip_nf4
+from specchat.weights.store import build_store
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -88,7 +88,7 @@ def write_random_llama(path: Path, shape: str, seed: int = 0) -> Path:
 def pinned_h2d_bandwidth(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    from specchat.hardware import pinned_bandwidth
+    from specchat.app.hardware import pinned_bandwidth
 
     return pinned_bandwidth(device.index or 0)
 

@@ -16,11 +16,11 @@ import json
 
 import torch
 
-from specchat.bench import load_prompts
-from specchat.config import RunConfig
-from specchat.engine import GenerationConfig
-from specchat.lm import causal_visibility
-from specchat.pipeline import load_pipeline
+from specchat.bench.sweep import load_prompts
+from specchat.app.config import RunConfig
+from specchat.engine.engine import GenerationConfig
+from specchat.model.lm import causal_visibility
+from specchat.app.loader import load_pipeline
 
 
 def top_two_margin(pipeline, ids: list[int]) -> float:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/linear_layout.py
 
-Why specchat switches its CPU linears to `specchat.cpulinear.WeightLeftLinear`.
+Why specchat switches its CPU linears to `specchat.model.cpulinear.WeightLeftLinear`.
 """
 
 import time
@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from specchat.cpulinear import WeightLeftLinear
+from specchat.model.cpulinear import WeightLeftLinear
 
 
 def best_ms(fn, repeats: int = 8) -> float:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from specchat.bench import AUTO, physical_limit, ratios_to_ar
-from specchat.benchlog import read_log
+from specchat.bench.sweep import AUTO, physical_limit, ratios_to_ar
+from specchat.bench.log import read_log
 
 
 def main(path: str) -> None:

@@ -4,7 +4,7 @@
 
 op16+copy: bitsandbytes' CPU op into a fresh float16 tensor, then copied into a float32
 parameter (the streamer before session 5); op32+copy: the same op writing float32;
-kernel-into: its kernel writing the float32 parameter in place (specchat.quant4 now).
+kernel-into: its kernel writing the float32 parameter in place (specchat.weights.quant4 now).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from specchat import quant4
+from specchat.weights import quant4
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from specchat.config import RunConfig
-from specchat.lm import causal_visibility
-from specchat.pipeline import load_pipeline
+from specchat.app.config import RunConfig
+from specchat.model.lm import causal_visibility
+from specchat.app.loader import load_pipeline
 
 
 def pass_seconds(target, size: int, repeats: int) -> float:

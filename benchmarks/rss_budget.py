@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 
-from specchat.config import parse_size
+from specchat.app.config import parse_size
 
 
 def run(budget: str, quant: str, tokens: int) -> dict:

@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from specchat.config import RunConfig, parse_size
-from specchat.hardware import disk_bandwidth
-from specchat.iostats import disk_read_bytes
-from specchat.lm import causal_visibility
-from specchat.paths import cache_dir
-from specchat.pipeline import load_pipeline
+from specchat.app.config import RunConfig, parse_size
+from specchat.app.hardware import disk_bandwidth
+from specchat.common.iostats import disk_read_bytes
+from specchat.model.lm import causal_visibility
+from specchat.common.paths import cache_dir
+from specchat.app.loader import load_pipeline
 
 
 def main() -> None:

@@ -1,3 +1,3 @@
-from .cli import main
+from specchat.cli.app import main
 
 main()

@@ -56,7 +56,7 @@ def isolated_home(tmp_path, monkeypatch):
 
     ``--dtype auto`` sees a CPU without bf16 matrix instructions, so every test computes in
     float32 whatever machine runs it; the bf16 tests ask for it (tests/test_precision.py)."""
-    monkeypatch.setattr("specchat.precision.CPUINFO", tmp_path / "no-cpuinfo")
+    monkeypatch.setattr("specchat.common.system.CPUINFO", tmp_path / "no-cpuinfo")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     for key in list(os.environ):

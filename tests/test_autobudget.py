@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from specchat.calibrate import TREE_SIZES, measure_calibration
-from specchat.costmodel import (
+from specchat.engine.autobudget.measure import TREE_SIZES, measure_calibration
+from specchat.engine.autobudget.costmodel import (
     CANDIDATES,
     STALE_PASSES,
     Calibration,
@@ -15,7 +15,7 @@ from specchat.costmodel import (
     load_calibration,
     save_calibration,
 )
-from specchat.engine import Engine, GenerationConfig
+from specchat.engine.engine import Engine, GenerationConfig
 
 from tiny import CharTokenizer, tiny_lm
 
@@ -158,8 +158,8 @@ def test_tuners_and_running_costs_are_kept_apart_per_setting():
 @pytest.mark.parametrize("draft_seed", [0, 100])  # draft = target (all accepted), an unrelated draft (almost none)
 @pytest.mark.parametrize("steps", ["flat", "linear"])  # a GPU-like and a CPU-like draft step cost
 def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_seed, steps, monkeypatch):
-    from specchat import engine as engine_module
-    from specchat import growth as growth_module
+    from specchat.engine import engine as engine_module
+    from specchat.speculation import growth as growth_module
 
     step_s = {1: 0.01, 8: 0.01, 32: 0.01} if steps == "flat" else {1: 0.01, 8: 0.09, 32: 0.4}  # per node: rising
     target, draft = tiny_lm(0), tiny_lm(draft_seed)
@@ -197,8 +197,8 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
 def test_the_draft_time_scale_converges_to_measured_over_calibrated(monkeypatch):
     """Auto width rescales the calibrated step costs by what the passes measure: a draft that
     takes ~k times its calibrated seconds must end up costed at ~k (not at sqrt(k))."""
-    from specchat import engine as engine_module
-    from specchat.growth import Growth
+    from specchat.engine import engine as engine_module
+    from specchat.speculation.growth import Growth
 
     target, draft = tiny_lm(0), tiny_lm(0)
     engine = Engine(target, draft, CharTokenizer(), [])

@@ -3,9 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from specchat.bench import load_prompts
-from specchat.cli import app
-from specchat.errors import InputError
+from specchat.bench.sweep import load_prompts
+from specchat.cli.app import app
+from specchat.common.errors import InputError
 
 runner = CliRunner()
 
@@ -235,9 +235,9 @@ def test_bench_reports_tree_nodes_per_pass_and_logs_full_growth(tiny_dirs, tmp_p
 
 @pytest.mark.parametrize("full", [True, False])
 def test_full_growth_turns_the_adaptive_stop_off(full):
-    from specchat.bench import BenchConfig, run_bench
-    from specchat.engine import GenerationConfig
-    from specchat.events import DoneEvent, GenerationStats
+    from specchat.bench.sweep import BenchConfig, run_bench
+    from specchat.engine.engine import GenerationConfig
+    from specchat.engine.events import DoneEvent, GenerationStats
 
     seen = []
 

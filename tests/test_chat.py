@@ -13,15 +13,15 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 from typer.testing import CliRunner
 
-from specchat.chat import ChatSession, Notice, load_session, save_session
-from specchat.cli import app
-from specchat.config import RunConfig
-from specchat.engine import Engine, GenerationConfig
-from specchat.errors import InputError
-from specchat.events import DoneEvent
-from specchat.lm import causal_visibility
-from specchat.pipeline import load_pipeline
-from specchat.repl import Repl
+from specchat.app.chat import ChatSession, Notice, load_session, save_session
+from specchat.cli.app import app
+from specchat.app.config import RunConfig
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.common.errors import InputError
+from specchat.engine.events import DoneEvent
+from specchat.model.lm import causal_visibility
+from specchat.app.loader import load_pipeline
+from specchat.cli.repl import Repl
 
 
 @pytest.fixture

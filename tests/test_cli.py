@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specchat.cli import app
-from specchat.engine import Engine, GenerationConfig
-from specchat.loading import load_resident
-from specchat.pipeline import encode_chat
+from specchat.cli.app import app
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.model.loading import load_resident
+from specchat.app.loader import encode_chat
 
 runner = CliRunner()
 
@@ -145,8 +145,8 @@ def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, 
 
 
 def test_ctrl_c_during_run_flushes_the_partial_reply_and_exits_130(tiny_dirs, monkeypatch):
-    from specchat import engine as engine_module
-    from specchat.events import TextEvent
+    from specchat.engine import engine as engine_module
+    from specchat.engine.events import TextEvent
 
     def interrupted(self, prompt_ids, config):
         yield TextEvent("partial", (5,), 0, 0, 0.0, 0.0)
@@ -201,7 +201,7 @@ def test_4bit_target_runs_and_speculation_still_matches_plain_decoding(tiny_dirs
 
 
 def test_budget_auto_calibrates_once_per_settings_and_a_fixed_budget_never(tiny_dirs):
-    from specchat.pipeline import calibration_file
+    from specchat.app.calibration import calibration_file
 
     fixed = runner.invoke(app, base_args(tiny_dirs, "--budget", "8", "--max-new-tokens", "4", "the sea"))
     assert fixed.exit_code == 0, fixed.stderr
@@ -224,7 +224,7 @@ def test_budget_auto_calibrates_once_per_settings_and_a_fixed_budget_never(tiny_
     ],
 )
 def test_an_allocation_failure_is_one_error_line_and_exit_3(tiny_dirs, monkeypatch, error, code):
-    from specchat import engine as engine_module
+    from specchat.engine import engine as engine_module
 
     def fail(self, prompt_ids, config):
         raise error
@@ -238,7 +238,7 @@ def test_an_allocation_failure_is_one_error_line_and_exit_3(tiny_dirs, monkeypat
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(tiny_dirs, monkeypatch):
-    from specchat import engine as engine_module
+    from specchat.engine import engine as engine_module
 
     def fail(self, prompt_ids, config):
         raise RuntimeError("shape mismatch")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specchat.cli import app
+from specchat.cli.app import app
 
 runner = CliRunner()
 
@@ -43,12 +43,12 @@ def test_detect_json_has_every_fact_and_a_recommendation(tmp_path):
 
 
 def test_detect_on_a_cpu_with_bf16_units_recommends_bfloat16_and_fits_16bit_sizes(tmp_path, monkeypatch):
-    from specchat import hardware
-    from specchat.registry import load_registry
+    from specchat.app import hardware
+    from specchat.sources.registry import load_registry
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
-    monkeypatch.setattr("specchat.precision.CPUINFO", cpuinfo)
+    monkeypatch.setattr("specchat.common.system.CPUINFO", cpuinfo)
     monkeypatch.setattr(hardware, "matmul_flops", lambda dtype=torch.float32, tokens=256: 400e9 if dtype == torch.bfloat16 else 100e9)
     result = runner.invoke(app, ["detect", "--store", str(tmp_path / "stores")])
     assert result.exit_code == 0, result.stderr
@@ -113,7 +113,7 @@ def test_setup_builds_the_store_writes_the_config_and_is_idempotent(tiny_dirs, t
 def test_setup_with_4bit_builds_an_nf4_store_and_writes_the_quant(tiny_dirs, tmp_path):
     import tomllib
 
-    from specchat.paths import config_file
+    from specchat.common.paths import config_file
 
     store = tmp_path / "stores"
     args = ["setup", str(tiny_dirs["target"]), "--draft", "none", "--quant", "4bit", "--offload", "ssd", "--store", str(store),
@@ -137,7 +137,7 @@ def test_setup_of_an_unknown_model_fails_cleanly():
 def test_write_config_keeps_other_keys_and_escapes_strings(tmp_path):
     import tomllib
 
-    from specchat.setupcmd import write_config
+    from specchat.cli.setup import write_config
 
     path = tmp_path / "config.toml"
     path.write_text("temperature = 0.6\n")
@@ -150,8 +150,8 @@ def paired_registry(tmp_path, monkeypatch, tiny_dirs):
     """A hub cache with a target, a mismatched draft and a good one; a registry pairing them (plus one not downloaded)."""
     import huggingface_hub.constants as constants
 
-    import specchat.pipeline
-    from specchat.registry import load_registry
+    import specchat.app.loader
+    from specchat.sources.registry import load_registry
 
     cache = tmp_path / "hf-cache"
     for name, source in (("tiny-target", "target"), ("tiny-alien", "alien"), ("tiny-draft", "draft")):
@@ -170,7 +170,7 @@ def paired_registry(tmp_path, monkeypatch, tiny_dirs):
         '[models.tiny-draft]\nrole = "draft"\nfamily = "tiny"\nparams_b = 0.001\nhub = "tiny-org/tiny-draft"\n'
     )
     registry = load_registry(toml)
-    monkeypatch.setattr(specchat.pipeline, "load_registry", lambda: registry)
+    monkeypatch.setattr(specchat.app.loader, "load_registry", lambda: registry)
     return registry
 
 
@@ -184,9 +184,9 @@ def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_regi
 
 
 def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):
-    import specchat.pipeline
+    import specchat.app.drafts
 
-    monkeypatch.setattr(specchat.pipeline, "fast_memory_left", lambda *args: 1000)
+    monkeypatch.setattr(specchat.app.drafts, "room_beside_target", lambda *args: 1000)
     result = runner.invoke(app, ["run", "--model", "tiny-target", "--draft", "auto", "--max-new-tokens", "5", "the sea"])
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -197,7 +197,7 @@ def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch)
 def test_a_second_setup_does_not_inherit_the_first_ones_placement(tiny_dirs, tmp_path):
     import tomllib
 
-    from specchat.paths import config_file
+    from specchat.common.paths import config_file
 
     store = tmp_path / "stores"
     first = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--draft", "none", "--offload", "ssd",
@@ -221,8 +221,8 @@ def test_a_second_setup_does_not_inherit_the_first_ones_placement(tiny_dirs, tmp
     ],
 )
 def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
-    from specchat.hardware import recommend
-    from specchat.registry import load_registry
+    from specchat.app.hardware import recommend
+    from specchat.sources.registry import load_registry
 
     registry = load_registry()
     registry = {n: e for n, e in registry.items() if e.params_b <= 33}  # the largest target here: a 32B
@@ -244,7 +244,7 @@ def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
 def test_models_table_names_every_way_a_target_can_run():
     import io
 
-    from specchat.views import models_table
+    from specchat.cli.views import models_table
 
     rows = [
         {"name": name, "params_b": 1.0, "bytes_16bit": 2e9, "bytes_4bit": 0.6e9, "present": False, "fits": fits, "drafts": []}

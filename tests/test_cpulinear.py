@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from specchat.cpulinear import WeightLeftLinear, use_weight_left_linears
+from specchat.model.cpulinear import WeightLeftLinear, use_weight_left_linears
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -47,7 +47,7 @@ def test_only_plain_linears_are_switched():
 
 
 def test_resident_models_use_it_and_the_int8_draft_still_quantizes(tiny_dirs):
-    from specchat.loading import load_resident, quantize_int8
+    from specchat.model.loading import load_resident, quantize_int8
 
     lm = load_resident(tiny_dirs["draft"], torch.float32).lm
     kinds = {type(m).__name__ for layer in lm.layer_source.layers() for m in layer.modules()}

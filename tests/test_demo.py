@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from specchat.config import RunConfig
-from specchat.engine import GenerationConfig
-from specchat.pipeline import load_pipeline
+from specchat.app.config import RunConfig
+from specchat.engine.engine import GenerationConfig
+from specchat.app.loader import load_pipeline
 
 pytestmark = pytest.mark.demo
 MT_BENCH = Path(__file__).resolve().parents[1] / "specchat" / "data" / "mt_bench.jsonl"
@@ -63,14 +63,14 @@ def test_demo_target_streamed_from_ssd_equals_resident(demo):
     """The demo target's 28 layers read from its 16-bit store every pass (O_DIRECT) == the resident model."""
     import torch
 
-    from specchat.lm import causal_visibility
-    from specchat.offload import load_streamed
-    from specchat.paths import cache_dir
-    from specchat.pipeline import stored_dtype
-    from specchat.store import build_store, store_dir_for
+    from specchat.model.lm import causal_visibility
+    from specchat.model.stream.build import load_streamed
+    from specchat.common.paths import cache_dir
+    from specchat.sources.facts import read_facts
+    from specchat.weights.store import build_store, store_dir_for
 
     target_dir = demo.target.path
-    dtype = stored_dtype(target_dir)
+    dtype = read_facts(target_dir).stored_dtype
     store = build_store(target_dir, store_dir_for(cache_dir() / "stores", target_dir, dtype), dtype, dense_dtype=dtype)
     streamed = load_streamed(store, torch.float32, resident_layers=0)
     ids = torch.tensor(demo.encode_chat([{"role": "user", "content": "Write a haiku about the sea"}]))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from specchat.engine import Engine, EngineError, GenerationConfig
-from specchat.events import DoneEvent, TextEvent
-from specchat.lm import LayeredLM, causal_visibility
+from specchat.engine.engine import Engine, EngineError, GenerationConfig
+from specchat.engine.events import DoneEvent, TextEvent
+from specchat.model.lm import LayeredLM, causal_visibility
 
 from tiny import CharTokenizer, tiny_hf, tiny_lm
 
@@ -192,7 +192,7 @@ def test_bad_generation_config_is_refused(field, value):
 
 
 def test_an_int8_draft_changes_acceptance_never_the_output():
-    from specchat.loading import quantize_int8
+    from specchat.model.loading import quantize_int8
 
     target = LayeredLM(tiny_hf(0, dtype=torch.float32))
     draft = quantize_int8(LayeredLM(tiny_hf(0, dtype=torch.float32)))

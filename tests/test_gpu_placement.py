@@ -1,20 +1,32 @@
-"""The GPU placement and loading code (pipeline.gpu_plan / _load_target_gpu) run on the CPU.
+"""The GPU placement and loading code (placement.place_target / target.load_target) run on the CPU.
 
 No GPU has been lent to this project, so the GPU path is exercised here with the CPU standing in
-for the device: ``torch.cuda.mem_get_info`` reports a chosen amount of free VRAM and the compute
+for the device: the plan is made for a GPU with a chosen amount of free VRAM, and the compute
 dtype is float32; everything else -- the plan, the store, the host -> device ring, the 4-bit
 layer files kept on the device -- is the code a GPU run takes.
 """
 
+import psutil
 import pytest
 import torch
 
-from specchat import pipeline
-from specchat.config import RunConfig
-from specchat.lm import causal_visibility
-from specchat.loading import load_resident
-from specchat.pipeline import _load_target_gpu, resident_bytes, stored_dtype
-from specchat.store import build_store, store_dir_for
+from specchat.model.lm import causal_visibility
+from specchat.model.loading import load_resident
+from specchat.model.placement import Memory, place_target
+from specchat.model.target import load_target
+from specchat.sources.facts import read_facts
+from specchat.weights.store import build_store, store_dir_for
+
+GPU = torch.device("cuda")  # what the plan is made for; the loading then runs with the CPU as the device
+
+
+def load_as_if_on_gpu(target_dir, offload, quant, store_root, vram_free, draft_bytes=0):
+    """Plan for a GPU with ``vram_free`` bytes free, then load that plan with the CPU standing in."""
+    facts = read_facts(target_dir)
+    memory = Memory(psutil.virtual_memory().available, vram_free)
+    plan = place_target(facts, offload, quant, None, torch.float32, GPU, memory, draft_bytes)
+    loaded = load_target(facts, plan, torch.float32, torch.device("cpu"), memory, draft_bytes, store_root, lambda line: None)
+    return loaded, plan
 
 
 def logits(lm, ids):
@@ -22,20 +34,13 @@ def logits(lm, ids):
     return lm.forward(ids, torch.arange(len(ids)), causal_visibility(0, len(ids)), lm.new_cache())
 
 
-@pytest.fixture
-def pretend_gpu(monkeypatch):
+def vram_with_room(target_dir, store, kept: int, four_bit: bool = False) -> int:
     """Free VRAM = the tiny target's non-layer weights + the 1 GiB headroom the plan keeps
-    + (with ``ring``) two slots of a layer and its file + ``kept`` layers that stay on the device."""
-
-    def with_room(target_dir, store, kept: int, ring: bool = True, four_bit: bool = False) -> None:
-        per_layer = resident_bytes(target_dir, torch.float32, layers=True) // 2  # the tiny models have 2 layers
-        other = resident_bytes(target_dir, torch.float32, layers=False)
-        kept_bytes = store.layer_bytes if four_bit else per_layer
-        free = other + (1 << 30) + (2 * (per_layer + store.layer_bytes) if ring else 0) + kept * kept_bytes + kept_bytes // 2
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-
-    monkeypatch.setattr(pipeline, "compute_dtype_for", lambda device, choice="auto": torch.float32)
-    return with_room
+    + two slots of a layer and its file + ``kept`` layers that stay on the device (+ half a layer)."""
+    facts = read_facts(target_dir)
+    per_layer, other = facts.layer_bytes(torch.float32), facts.other_bytes(torch.float32)
+    kept_bytes = store.layer_bytes if four_bit else per_layer
+    return other + (1 << 30) + 2 * (per_layer + store.layer_bytes) + kept * kept_bytes + kept_bytes // 2
 
 
 @pytest.mark.parametrize(
@@ -49,13 +54,13 @@ def pretend_gpu(monkeypatch):
         ("ram", "4bit", 1, ("ram", 1, 1)),
     ],
 )
-def test_gpu_placement_loads_and_matches_the_resident_forward(tiny_dirs, tmp_path, pretend_gpu, offload, quant, kept, expected):
+def test_gpu_placement_loads_and_matches_the_resident_forward(tiny_dirs, tmp_path, offload, quant, kept, expected):
     target = tiny_dirs["target"]
-    dtype = "nf4" if quant == "4bit" else stored_dtype(target)
-    store = build_store(target, store_dir_for(tmp_path / "stores", target, dtype), dtype, dense_dtype=stored_dtype(target))
-    pretend_gpu(target, store, kept, four_bit=quant == "4bit")
-    config = RunConfig(model=str(target), offload=offload, quant=quant, store=tmp_path / "stores")
-    loaded, plan = _load_target_gpu(config, target, 0, torch.device("cpu"), lambda line: None)
+    stored = read_facts(target).stored_dtype
+    dtype = "nf4" if quant == "4bit" else stored
+    store = build_store(target, store_dir_for(tmp_path / "stores", target, dtype), dtype, dense_dtype=stored)
+    vram = vram_with_room(target, store, kept, four_bit=quant == "4bit")
+    loaded, plan = load_as_if_on_gpu(target, offload, quant, tmp_path / "stores", vram)
     assert (plan.mode, plan.resident_layers, plan.host_layers) == expected, plan.reason
     reference = load_resident(target, torch.float32).lm
     ids = [3, 1, 4, 1, 5]
@@ -72,11 +77,8 @@ def test_gpu_placement_loads_and_matches_the_resident_forward(tiny_dirs, tmp_pat
         assert len(source.resident) + len(source.device_files) == plan.resident_layers
 
 
-def test_not_enough_gpu_memory_is_refused_before_loading(tiny_dirs, tmp_path, pretend_gpu, monkeypatch):
-    from specchat.errors import ResourceError
+def test_not_enough_gpu_memory_is_refused_before_loading(tiny_dirs, tmp_path):
+    from specchat.common.errors import ResourceError
 
-    target = tiny_dirs["target"]
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**6, 10**9))  # 1 MB free
-    config = RunConfig(model=str(target), offload="none", store=tmp_path / "stores")
     with pytest.raises(ResourceError, match="not enough GPU memory to hold the target"):
-        _load_target_gpu(config, target, 10**9, torch.device("cpu"), lambda line: None)
+        load_as_if_on_gpu(tiny_dirs["target"], "none", "16bit", tmp_path / "stores", 10**6, draft_bytes=10**9)  # 1 MB free

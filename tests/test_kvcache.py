@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specchat.kvcache import KVCache
+from specchat.model.kvcache import KVCache
 
 
 def _fill(cache: KVCache, values: list[float], layers: int = 2) -> None:
@@ -79,7 +79,7 @@ def test_keep_refuses_slots_inside_the_prefix_or_past_the_end():
 
 
 def test_the_cache_goes_to_each_decoder_layer_under_the_name_its_forward_takes():
-    from specchat.lm import _cache_keyword
+    from specchat.model.lm import _cache_keyword
 
     class Older:  # transformers before 5.24
         def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, **kwargs): ...

@@ -5,8 +5,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_tokenizer
-from specchat.lm import UpcastEmbedding, causal_visibility
-from specchat.loading import load_int8, load_resident, quantize_int8
+from specchat.model.lm import UpcastEmbedding, causal_visibility
+from specchat.model.loading import load_int8, load_resident, quantize_int8
 
 
 def save_checkpoint(directory, dtype: torch.dtype, tied: bool):

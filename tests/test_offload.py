@@ -6,13 +6,15 @@ import os
 import pytest
 import torch
 
-from specchat.errors import CorruptModel
-from specchat.iostats import disk_read_bytes
-from specchat.lm import LayeredLM, causal_visibility
-from specchat.loading import load_resident
-from specchat.offload import layer_compute_bytes, load_streamed, plan_offload
-from specchat.quant4 import quantizable, roundtrip_nf4
-from specchat.store import MANIFEST, build_store, open_store
+from specchat.common.errors import CorruptModel
+from specchat.common.iostats import disk_read_bytes
+from specchat.model.lm import LayeredLM, causal_visibility
+from specchat.model.loading import load_resident
+from specchat.model.placement import plan_offload
+from specchat.sources.facts import read_facts
+from specchat.model.stream.build import load_streamed
+from specchat.weights.quant4 import quantizable, roundtrip_nf4
+from specchat.weights.store import MANIFEST, build_store, open_store, store_layout
 
 from tiny import tiny_hf
 
@@ -86,7 +88,7 @@ def test_a_store_that_cannot_fit_the_disk_is_refused_before_writing(model_dir, t
     import shutil
     from collections import namedtuple
 
-    from specchat.errors import ResourceError
+    from specchat.common.errors import ResourceError
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 4096, 4096))
@@ -98,7 +100,7 @@ def test_a_store_that_cannot_fit_the_disk_is_refused_before_writing(model_dir, t
 def test_a_disk_that_fills_up_mid_build_leaves_nothing_a_later_run_would_trust(model_dir, tmp_path, monkeypatch):
     import errno
 
-    from specchat.errors import ResourceError
+    from specchat.common.errors import ResourceError
 
     path = tmp_path / "store"
     real_fsync, calls = os.fsync, []
@@ -130,7 +132,7 @@ def test_a_store_of_other_weights_is_rebuilt_not_reused(tmp_path, monkeypatch, f
     """The model was re-downloaded or re-converted in place: same directory, new weights."""
     import errno
 
-    from specchat.errors import ResourceError
+    from specchat.common.errors import ResourceError
 
     model, path = tmp_path / "model", tmp_path / "store"
     _save_weights(model, 4)
@@ -195,11 +197,14 @@ def test_offload_plan(mode, model_gb, ram_gb, budget_gb, expected_mode, expected
     assert (plan.mode, plan.resident_layers) == (expected_mode, expected_resident)
 
 
-def test_layer_compute_bytes_counts_every_parameter(model_dir, tmp_path):
-    store = build_store(model_dir, tmp_path / "store", "float16")
+def test_model_facts_count_every_parameter_and_size_the_layer_files(model_dir, tmp_path):
+    facts = read_facts(model_dir)
     resident = load_resident(model_dir).lm
     layer = next(resident.layer_source.layers())
-    assert layer_compute_bytes(store, torch.float32) == sum(p.numel() * 4 for p in layer.parameters())
+    assert facts.layer_bytes(torch.float32) == sum(p.numel() * 4 for p in layer.parameters())
+    for dtype in ("float16", "nf4"):  # placement plans with the file size before the store exists
+        store = build_store(model_dir, tmp_path / dtype, dtype)
+        assert store_layout(facts.layer_shapes, dtype, "float16")[1] == store.layer_bytes
 
 
 def nf4_reference(model_dir) -> LayeredLM:
@@ -250,7 +255,7 @@ def test_nf4_roundtrip_error_is_within_the_4bit_grid():
     assert error.mean() < 0.1 * weight.abs().mean()
 
 
-# --- the host -> device ring (specchat.devicestream), run on the CPU: no pinning, no streams ---
+# --- the host -> device ring (specchat.model.stream.device), run on the CPU: no pinning, no streams ---
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("bfloat16", 1e-1)])
@@ -308,7 +313,7 @@ def test_device_ring_nf4_equals_the_resident_4bit_weights(model_dir, tmp_path):
     ],
 )
 def test_gpu_offload_plan(mode, vram_gb, ram_gb, budget_gb, expected):
-    from specchat.offload import plan_offload_gpu
+    from specchat.model.placement import plan_offload_gpu
 
     gb = 10**9
     plan = plan_offload_gpu(
@@ -337,7 +342,7 @@ def test_a_16bit_embedding_table_stays_16bit_and_changes_no_logit(tmp_path, chec
     the rows it hands on are the exact float32 values, so the forward is unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from specchat.lm import UpcastEmbedding
+    from specchat.model.lm import UpcastEmbedding
 
     path = tmp_path / "model"
     tiny_hf(5, arch="qwen2", layers=2, dtype=checkpoint).save_pretrained(path)
@@ -353,14 +358,14 @@ def test_a_16bit_embedding_table_stays_16bit_and_changes_no_logit(tmp_path, chec
 
 
 def test_a_tied_or_float32_embedding_stays_as_it_was(model_dir):
-    from specchat.lm import UpcastEmbedding
+    from specchat.model.lm import UpcastEmbedding
 
     assert not isinstance(load_resident(model_dir, torch.float32).lm.embed_tokens, UpcastEmbedding)  # float32 checkpoint
 
 
 def _nf4_reference(packed, absmax, shape):
     """NF4 by its definition: two 4-bit code indices per byte (high nibble first), times each 64-block's absmax."""
-    from specchat import quant4
+    from specchat.weights import quant4
 
     code = quant4._bnb().get_4bit_type("nf4", device="cpu")
     indices = torch.stack([packed.long() >> 4, packed.long() & 15], dim=-1).view(-1)  # (n,)
@@ -373,7 +378,7 @@ def test_nf4_into_a_float32_parameter_equals_the_definition(monkeypatch, shape):
 
     (64, 32) is the case bitsandbytes' own CPU op gets wrong on an AVX-512 machine when handed
     the 2-D shape: it reads one absmax per row while the 64-weight blocks span two rows."""
-    from specchat import quant4
+    from specchat.weights import quant4
 
     weight = torch.randn(shape)
     packed, absmax = quant4.quantize_nf4(weight)
@@ -427,7 +432,7 @@ def test_prefetch_reads_the_first_layers_before_the_pass_and_changes_nothing_els
 
 
 def test_the_engine_hints_a_streamed_target_before_drafting(model_dir, tmp_path):
-    from specchat.engine import Engine, GenerationConfig
+    from specchat.engine.engine import Engine, GenerationConfig
 
     from tiny import CharTokenizer, tiny_lm
 
@@ -449,7 +454,7 @@ def test_bitsandbytes_optional_kernel_warning_stays_off_stderr():
     import subprocess
     import sys
 
-    code = "import specchat.quant4 as q, torch; q._bnb(); import bitsandbytes"
+    code = "import specchat.weights.quant4 as q, torch; q._bnb(); import bitsandbytes"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernels-community" not in result.stderr

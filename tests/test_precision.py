@@ -4,16 +4,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specchat import precision
-from specchat.cli import app
-from specchat.config import RunConfig
-from specchat.errors import ConfigError
-from specchat.lm import causal_visibility
-from specchat.loading import load_resident
-from specchat.offload import load_streamed
-from specchat.pipeline import calibration_key, load_pipeline, store_dtype_for, stored_dtype
-from specchat.quant4 import dequantize_nf4, quantize_nf4
-from specchat.store import build_store
+from specchat.weights import precision
+from specchat.cli.app import app
+from specchat.app.config import RunConfig
+from specchat.common.errors import ConfigError
+from specchat.model.lm import causal_visibility
+from specchat.model.loading import load_resident
+from specchat.model.stream.build import load_streamed
+from specchat.app.calibration import calibration_key
+from specchat.app.loader import load_pipeline
+from specchat.model.placement import store_dtype_for
+from specchat.sources.facts import read_facts
+from specchat.weights.quant4 import dequantize_nf4, quantize_nf4
+from specchat.weights.store import build_store
 
 runner = CliRunner()
 CPU = torch.device("cpu")
@@ -52,10 +55,10 @@ def test_an_unknown_dtype_is_refused():
 
 
 def test_a_16bit_compute_dtype_gets_a_store_in_that_dtype(tiny_dirs):
-    target = tiny_dirs["target"]  # a float32 checkpoint
+    target = read_facts(tiny_dirs["target"])  # a float32 checkpoint
     assert store_dtype_for("16bit", target, torch.bfloat16) == "bfloat16"
     assert store_dtype_for("16bit", target, torch.float16) == "float16"
-    assert store_dtype_for("16bit", target, torch.float32) == stored_dtype(target)
+    assert store_dtype_for("16bit", target, torch.float32) == target.stored_dtype == "bfloat16"
     assert store_dtype_for("4bit", target, torch.bfloat16) == "nf4"
 
 

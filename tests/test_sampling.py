@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specchat.sampling import SamplingParams, probabilities, top_p_filter
+from specchat.speculation.sampling import SamplingParams, probabilities, top_p_filter
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_top_p_over_the_top_k_equals_a_full_sort(sharpness, top_p):
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.7, 0.9), SamplingParams(1.0, 0.5), SamplingParams(0.3, 0.999)])
 @pytest.mark.parametrize("k", [1, 7, 64, 300])
 def test_the_top_k_draft_scores_are_the_full_scores_best_k(params, k):
-    from specchat.sampling import draft_log_scores, draft_top_log_scores
+    from specchat.speculation.sampling import draft_log_scores, draft_top_log_scores
 
     torch.manual_seed(k)
     logits = torch.randn(5, 300) * 4  # (N, V)
@@ -80,7 +80,7 @@ def test_the_top_k_draft_scores_are_the_full_scores_best_k(params, k):
 def test_top_k_draft_scores_never_exceed_zero_so_children_never_outscore_parents(top_p):
     """A peaked row whose nucleus is one token scores it log(p / p): exactly 0, never above
     (a child above its parent broke the tree's ancestor closure in a t=0.6 sweep)."""
-    from specchat.sampling import draft_top_log_scores
+    from specchat.speculation.sampling import draft_top_log_scores
 
     torch.manual_seed(3)
     logits = torch.randn(64, 1000)
@@ -90,7 +90,7 @@ def test_top_k_draft_scores_never_exceed_zero_so_children_never_outscore_parents
 
 
 def test_specexec_growth_with_a_peaked_sampled_draft_keeps_a_tree():
-    from specchat.growth import GrowthParams, grow_specexec
+    from specchat.speculation.growth import GrowthParams, grow_specexec
 
     from tiny import tiny_lm
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specchat.engine import Engine, GenerationConfig
-from specchat.lm import causal_visibility
-from specchat.sampling import SamplingParams, probabilities
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.model.lm import causal_visibility
+from specchat.speculation.sampling import SamplingParams, probabilities
 
 from tiny import CharTokenizer, tiny_lm
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from specchat import sources
-from specchat.errors import CorruptModel
-from specchat.registry import PartsSpec
+from specchat.sources import resolve as sources
+from specchat.common.errors import CorruptModel
+from specchat.sources.registry import PartsSpec
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from specchat.growth import GrowthParams, grow_specexec, grow_specinfer
-from specchat.lm import causal_visibility
-from specchat.sampling import SamplingParams
-from specchat.verify import target_tree_logits
+from specchat.speculation.growth import GrowthParams, grow_specexec, grow_specinfer
+from specchat.model.lm import causal_visibility
+from specchat.speculation.sampling import SamplingParams
+from specchat.speculation.verify import target_tree_logits
 
 from tiny import tiny_lm
 
@@ -96,7 +96,7 @@ def test_tree_positions_and_mask_give_each_node_its_own_path_logits():
     ],
 )
 def test_choose_width_maximises_frontier_mass_per_second(probs, costs, expected):
-    from specchat.growth import choose_width
+    from specchat.speculation.growth import choose_width
 
     assert choose_width(probs, costs) == expected
 
@@ -113,7 +113,7 @@ def test_batched_gumbel_draws_follow_sequential_sampling_without_replacement():
     """The (first, second) children drawn per row follow p_a * p_b / (1 - p_a), rows independent."""
     from scipy.stats import chisquare
 
-    from specchat.growth import _draw_rows_without_replacement
+    from specchat.speculation.growth import _draw_rows_without_replacement
 
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.1, 0.0, 0.6, 0.3, 0.0]], dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
@@ -134,7 +134,7 @@ def test_batched_gumbel_draws_follow_sequential_sampling_without_replacement():
 
 
 def test_batched_draws_stop_at_a_row_support():
-    from specchat.growth import _draw_rows_without_replacement
+    from specchat.speculation.growth import _draw_rows_without_replacement
 
     probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
     drawn_probs, drawn_tokens = _draw_rows_without_replacement(probs, 3, torch.Generator().manual_seed(1))

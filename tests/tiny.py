@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from specchat.lm import LayeredLM
+from specchat.model.lm import LayeredLM
 
 VOCAB = 64
 

@@ -1,0 +1,45 @@
+"""The registry as `specchat models` shows it: sizes, local presence, and fit on this machine."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from specchat.app.hardware import fit
+from specchat.sources.registry import ModelEntry
+
+
+def is_present(entry: ModelEntry) -> bool:
+    """Weights available without a download: part packages installed, or the hub snapshot cached."""
+    if entry.parts is not None:
+        try:
+            return all(
+                importlib.metadata.version(entry.parts.distribution(n)) == entry.parts.version
+                for n in range(1, entry.parts.count + 1)
+            )
+        except importlib.metadata.PackageNotFoundError:
+            return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(entry.hub, "config.json"), str)
+
+
+def model_rows(registry: dict[str, ModelEntry], facts: dict) -> list[dict]:
+    rows = []
+    for entry in registry.values():
+        if entry.role not in ("target", "both"):
+            continue
+        rows.append(
+            {
+                "name": entry.name,
+                "hub": entry.hub,
+                "params_b": entry.params_b,
+                "bytes_16bit": entry.bytes_at(16),
+                "bytes_4bit": entry.bytes_at(4),
+                "drafts": [
+                    {"name": d, "params_b": registry[d].params_b, "present": is_present(registry[d])} for d in entry.drafts
+                ],
+                "present": is_present(entry),
+                "fits": fit(entry, facts),
+            }
+        )
+    return rows

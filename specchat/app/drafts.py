@@ -1,0 +1,111 @@
+"""Which draft grows the trees: the one configured, or (``--draft auto``) the first registered
+draft of the target that is here, shares its tokenizer and fits beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specchat.app.config import RunConfig
+from specchat.common.errors import InputError, ModelNotFound, SpecchatError
+from specchat.model.loading import check_same_tokenizer, load_tokenizer
+from specchat.model.placement import RAM_HEADROOM, Memory, draft_bytes, room_beside_target
+from specchat.sources.facts import ModelFacts, read_facts
+from specchat.sources.registry import ModelEntry
+from specchat.sources.resolve import ModelRef, Progress, materialize, parse_model_spec
+
+
+@dataclass(frozen=True)
+class DraftChoice:
+    ref: ModelRef | None  # None: no draft, plain decoding
+    facts: ModelFacts | None
+    reason: str  # one line: what was chosen and why
+    load_bytes: int = 0  # the draft's loading peak (:func:`draft_bytes`)
+
+    @property
+    def path(self) -> Path | None:
+        return self.facts.path if self.facts else None
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the models will compute, as decided once for the whole load."""
+
+    device: torch.device
+    dtype: torch.dtype
+    memory: Memory
+
+
+def int8_draft(config: RunConfig, device: torch.device) -> bool:
+    """Dynamic int8 is a CPU speed-up; a GPU runs the draft in 16-bit."""
+    return config.draft_quant == "int8" and device.type == "cpu"
+
+
+def choose_draft(
+    config: RunConfig,
+    target_ref: ModelRef,
+    target: ModelFacts,
+    registry: dict[str, ModelEntry],
+    machine: Machine,
+    progress: Progress,
+) -> DraftChoice:
+    """The draft for ``config``; its tokenizer is checked against the target's before anything loads."""
+    if config.method == "ar" or config.draft == "none":
+        return DraftChoice(None, None, "no draft: plain autoregressive decoding")
+    if config.draft != "auto":
+        ref = parse_model_spec(config.draft, registry)
+        facts = read_facts(materialize(ref, progress))
+        check_same_tokenizer(load_tokenizer(target.path), load_tokenizer(facts.path), ref.display)
+        reason = f"draft {ref.display}: as configured (--draft, SPECCHAT_DRAFT or the config file); same tokenizer as the target"
+        return DraftChoice(ref, facts, reason, draft_bytes(facts, int8_draft(config, machine.device), machine.dtype))
+    return _auto_draft(config, target_ref, target, registry, machine, progress)
+
+
+def _auto_draft(
+    config: RunConfig,
+    target_ref: ModelRef,
+    target: ModelFacts,
+    registry: dict[str, ModelEntry],
+    machine: Machine,
+    progress: Progress,
+) -> DraftChoice:
+    """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
+
+    Tokenizers are compared on the real files (vocabulary and special tokens),
+    not by family name; "fits" is the memory left once the target's own share is
+    set aside (:func:`room_beside_target`).
+    """
+    candidates = list(target_ref.entry.drafts) if target_ref.entry else []
+    if not candidates:
+        raise InputError(
+            f"no registered draft pairs with {target_ref.display}",
+            "name one with --draft, or use --draft none for plain decoding",
+        )
+    target_tokenizer = load_tokenizer(target.path)
+    room = room_beside_target(target, config.offload, config.ram_budget, machine.dtype, machine.device, machine.memory)
+    skipped = []
+    for name in candidates:
+        ref = parse_model_spec(name, registry)
+        try:
+            facts = read_facts(materialize(ref, progress))
+            check_same_tokenizer(target_tokenizer, load_tokenizer(facts.path), name)
+        except SpecchatError as exc:  # absent, corrupt, or another tokenizer
+            skipped.append(f"{name}: {exc.what}")
+            continue
+        load_bytes = draft_bytes(facts, int8_draft(config, machine.device), machine.dtype)
+        needed = int(load_bytes * RAM_HEADROOM)
+        if needed > room:
+            skipped.append(f"{name}: needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB left beside the target")
+            continue
+        reason = (
+            f"draft {name}: the first registered draft of {target_ref.display} that is here, shares its tokenizer "
+            f"and fits ({needed / 1e9:.1f} of {room / 1e9:.1f} GB)"
+        )
+        return DraftChoice(ref, facts, reason + (f"; skipped {'; '.join(skipped)}" if skipped else ""), load_bytes)
+    raise ModelNotFound(
+        f"no registered draft of {target_ref.display} can be used: {'; '.join(skipped)}",
+        f"`specchat setup {target_ref.spec}` fetches missing drafts; or lower --ram-budget, name a draft with --draft, "
+        "or use --draft none",
+    )

@@ -1,0 +1,95 @@
+"""From a :class:`RunConfig` to a ready :class:`Engine`: resolve, pre-flight, load, pair, template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specchat.app.config import RunConfig
+from specchat.app.drafts import DraftChoice, Machine, choose_draft, int8_draft
+from specchat.common.paths import cache_dir
+from specchat.engine.engine import Engine
+from specchat.model.loading import LoadedModel, load_int8, load_resident
+from specchat.model.placement import OffloadPlan, free_memory, place_target, resolve_device
+from specchat.model.target import load_target
+from specchat.sources.facts import read_facts
+from specchat.sources.registry import load_registry
+from specchat.sources.resolve import Progress, materialize, parse_model_spec
+from specchat.weights.precision import resolve_compute_dtype
+
+
+@dataclass
+class Pipeline:
+    engine: Engine
+    target: LoadedModel
+    draft: LoadedModel | None
+    target_name: str
+    draft_name: str | None
+    draft_reason: str
+    offload: OffloadPlan
+    device: torch.device = torch.device("cpu")
+    config: RunConfig | None = None  # what it was loaded with (the calibration's key)
+    compute_dtype: torch.dtype = torch.float32  # the target's (and a 16-bit draft's)
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def ensure_calibration(self, progress: Progress = lambda message: None) -> None:
+        """Measure (or load) and save the pass costs ``--budget auto`` needs, if the engine has none."""
+        from specchat.app.calibration import ensure_calibration  # (it needs this module's Pipeline)
+
+        if self.engine.calibration is None and self.engine.draft is not None and self.config is not None:
+            ensure_calibration(self, self.config, progress)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template, ready for the reply."""
+        return encode_chat(self.tokenizer, messages)
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # a base model: plain concatenation
+        text = "\n\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_pipeline(config: RunConfig, progress: Progress = lambda message: None) -> Pipeline:
+    """Resolve the models, decide once where everything goes, pre-flight, load, pair."""
+    registry = load_registry()
+    target_ref = parse_model_spec(config.model, registry)
+    target_facts = read_facts(materialize(target_ref, progress))
+    device = resolve_device(config.device)
+    dtype, dtype_reason = resolve_compute_dtype(config.dtype, device)
+    machine = Machine(device, dtype, free_memory(device))
+    choice = choose_draft(config, target_ref, target_facts, registry, machine, progress)  # before loading gigabytes
+    plan = place_target(
+        target_facts, config.offload, config.quant, config.ram_budget, dtype, device, machine.memory, choice.load_bytes
+    )
+    progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    progress(dtype_reason)
+    target = load_target(
+        target_facts, plan, dtype, device, machine.memory, choice.load_bytes, config.store or cache_dir() / "stores", progress
+    )
+    progress(plan.reason)
+    draft = _load_draft(choice, config, machine, progress)
+    engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
+    pipeline = Pipeline(
+        engine, target, draft, target_ref.display, choice.ref.display if choice.ref else None, choice.reason, plan, device,
+        config, dtype,
+    )
+    from specchat.app.calibration import prepare_costs
+
+    prepare_costs(pipeline, config, progress)
+    return pipeline
+
+
+def _load_draft(choice: DraftChoice, config: RunConfig, machine: Machine, progress: Progress) -> LoadedModel | None:
+    if choice.facts is None:
+        return None
+    progress(f"loading {choice.ref.display}")
+    if int8_draft(config, machine.device):
+        return load_int8(choice.path, facts=choice.facts)
+    return load_resident(choice.path, machine.dtype, str(machine.device), facts=choice.facts)

@@ -1,0 +1,49 @@
+"""The `chat` command: load once, optionally resume a saved session, then hand over to the REPL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from specchat.app.chat import ChatSession, load_session
+from specchat.app.config import RunConfig
+from specchat.common.errors import InputError
+from specchat.cli.run import stderr_progress
+from specchat.common.paths import state_dir
+from specchat.app.loader import load_pipeline
+from specchat.cli.repl import Repl, pipe_reader, terminal_reader
+
+
+def _load(settings: RunConfig):
+    """Load once, with a spinner and the current step on a terminal's stderr."""
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        return load_pipeline(settings, stderr_progress)
+    with err.status("loading") as status:
+
+        def progress(message: str) -> None:
+            err.print(message, style="dim", highlight=False)
+            status.update(message)
+
+        return load_pipeline(settings, progress)
+
+
+def run_chat(settings: RunConfig, resume: Path | None) -> None:
+    if resume is not None and not resume.is_file():  # before minutes of loading, not after
+        raise InputError(f"session file {resume} does not exist", "give the path that /save printed")
+    pipeline = _load(settings)
+    stderr_progress(pipeline.draft_reason)
+    session = ChatSession(pipeline, settings.generation(), system=settings.system)
+    if resume is not None:
+        load_session(session, resume)
+        stderr_progress(f"resumed {len(session.messages)} messages from {resume}")
+    if sys.stdin.isatty():
+        console = Console()
+        console.print(f"specchat chat with {pipeline.target_name}; /help for commands, Ctrl-D to leave", style="dim")
+        reader = terminal_reader(state_dir() / "history")
+    else:
+        console = Console(file=sys.stdout, force_terminal=False, no_color=True, soft_wrap=True)
+        reader = pipe_reader(sys.stdin)
+    Repl(session, console, reader).run()

@@ -1,0 +1,186 @@
+"""The narrow model interface the engine talks to, and its layer-by-layer implementation.
+
+The engine never calls a transformers model directly.  It calls
+:meth:`LanguageModel.forward` with token ids, their absolute positions and a
+boolean visibility matrix over *all* cache slots (the cached ones followed by
+the new ones).  That single signature serves the plain prefix, a speculation
+tree (ancestor mask) and a batch of draft nodes alike.
+
+:class:`LayeredLM` runs a decoder-only transformers model (Llama, Qwen2,
+Mistral, Mixtral, ...) by walking its pieces by hand -- embedding, decoder
+layers, final norm, LM head -- so that the decoder layers can come from
+anywhere: resident modules or a streamer that pages them in from RAM or SSD.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from specchat.model.kvcache import KVCache
+
+
+class LanguageModel(Protocol):
+    vocab_size: int
+    max_context: int
+    num_layers: int
+
+    def new_cache(self) -> KVCache: ...
+
+    def prefetch(self) -> None:
+        """A hint that :meth:`forward` is coming (a streamed target starts reading its layers)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        cache: KVCache,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class LayerSource(Protocol):
+    """Yields the decoder layers in order, ready to call, once per forward."""
+
+    def layers(self) -> Iterator[nn.Module]: ...
+
+    def bytes_read(self) -> int: ...
+
+
+class ResidentLayers:
+    """All decoder layers live on the compute device for the whole run."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._modules = list(modules)
+
+    def layers(self) -> Iterator[nn.Module]:
+        return iter(self._modules)
+
+    def bytes_read(self) -> int:
+        return 0
+
+
+class UpcastEmbedding(nn.Module):
+    """An embedding table kept in its checkpoint's 16-bit dtype; the looked-up rows leave in the
+    compute dtype.
+
+    A forward reads only T rows, so the table need not be float32 on a CPU: up-casting 16-bit
+    values is exact (the same numbers a float32 copy of the checkpoint holds) and the table
+    takes half the RAM -- 0.47 GB less for the demo target, whose head is a separate matrix.
+    """
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (vocab, hidden) 16-bit
+        self.out_dtype = out_dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.weight).to(self.out_dtype)  # (..., hidden)
+
+
+def keep_embedding_16bit(hf_model: nn.Module, checkpoint_dtype: torch.dtype | None) -> None:
+    """Swap a float32 embedding table for its 16-bit checkpoint values (see :class:`UpcastEmbedding`),
+    unless the head shares it (tied) or the checkpoint was not 16-bit."""
+    embed = hf_model.model.embed_tokens
+    tied = hf_model.lm_head.weight is embed.weight or hf_model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
+    if tied or embed.weight.dtype != torch.float32 or checkpoint_dtype not in (torch.float16, torch.bfloat16):
+        return
+    hf_model.model.embed_tokens = UpcastEmbedding(embed.weight.detach().to(checkpoint_dtype), torch.float32)
+
+
+def causal_visibility(cached: int, new: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(new, cached + new) bool: every new token sees the whole cache and its own predecessors."""
+    tri = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(new, cached, dtype=torch.bool, device=device), tri], dim=1)
+
+
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    """What a decoder layer calls its KV cache argument: ``cache`` from transformers 5.24 on, before
+    that ``past_key_values`` (which 5.24 still takes, with a deprecation warning on every run)."""
+    parameters = inspect.signature(layer_class.forward).parameters  # follows the deprecation wrapper
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class LayeredLM:
+    """A decoder-only causal LM run piece by piece over a :class:`LayerSource`."""
+
+    def __init__(self, hf_model: nn.Module, layer_source: LayerSource | None = None) -> None:
+        base = getattr(hf_model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if base is None or not all(hasattr(base, name) for name in needed):
+            kind = type(hf_model).__name__
+            raise TypeError(f"{kind} is not a decoder-only model with embed/layers/norm/rotary parts")
+        config = hf_model.config
+        self.config = config
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.layer_source = layer_source or ResidentLayers(base.layers)
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = hf_model.lm_head.out_features
+        self.max_context = int(getattr(config, "max_position_embeddings", 4096))
+        self.dtype = self.norm.weight.dtype  # the compute dtype (the embedding table may be 16-bit)
+        self.device = self.embed_tokens.weight.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        cache: KVCache,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (R, vocab) in float32 on the CPU for ``logit_rows`` of the T new tokens (all rows if None).
+
+        input_ids: (T,) long; positions: (T,) long absolute positions;
+        visible:   (T, cache.length + T) bool, True where a query may attend.
+        """
+        n_new = input_ids.shape[0]
+        if visible.shape != (n_new, cache.length + n_new):
+            raise ValueError(f"visibility {tuple(visible.shape)} != ({n_new}, {cache.length + n_new})")
+        ids = input_ids.to(self.device)[None]  # (1, T)
+        pos = positions.to(self.device)[None]  # (1, T)
+        hidden = self.embed_tokens(ids)  # (1, T, hidden)
+        cos_sin = self.rotary_emb(hidden, pos)  # 2 x (1, T, head_dim)
+        # Additive mask (1, 1, T, S): 0 where visible, the dtype's minimum elsewhere.
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=self.device)
+        mask.masked_fill_(~visible.to(self.device), torch.finfo(hidden.dtype).min)
+        mask = mask[None, None]
+        for layer in self.layer_source.layers():
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                position_embeddings=cos_sin,
+                **{_cache_keyword(type(layer)): cache},
+            )
+            hidden = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+        hidden = hidden[0]  # (T, hidden)
+        if logit_rows is not None:
+            hidden = hidden.index_select(0, logit_rows.to(self.device))
+        hidden = self.norm(hidden)
+        # On the host: sampling, seeds and tree bookkeeping run on the CPU whatever computed the logits
+        # (a (256, 152k) float32 block is ~155 MB, ~10 ms over PCIe, small beside a streamed pass).
+        return self.lm_head(hidden).float().cpu()  # (R, vocab)
+
+    def prefetch(self) -> None:
+        """A hint that a forward is coming: a streamed layer source starts fetching its first layers."""
+        prefetch = getattr(self.layer_source, "prefetch", None)
+        if prefetch is not None:
+            prefetch()
+
+    def bytes_read(self) -> int:
+        return self.layer_source.bytes_read()
