@@ -39,7 +39,7 @@ def main() -> None:
     calibration = load_calibration(calibration_file(), key)
     if calibration is None:
         raise SystemExit(f"no saved calibration for {key!r}: run `specchat bench --calibrate` with these settings first")
-    pipeline.engine.calibration = calibration
+    pipeline.engine.costs.use(calibration)
     print(f"calibrated draft step seconds by width: {calibration.draft_step_s}", flush=True)
     prompts = load_prompts(None, args.n)
     rows: dict[tuple[int, str], list] = {}

@@ -47,6 +47,12 @@ _EXPORTS = {
     # a conversation
     "ChatSession": "specchat.app.chat",
     "Notice": "specchat.app.chat",
+    "METHODS": "specchat.engine.engine",
+    "resolve_device": "specchat.model.placement",
+    # where specchat keeps things
+    "config_file": "specchat.common.paths",
+    "cache_dir": "specchat.common.paths",
+    "state_dir": "specchat.common.paths",
     # errors
     "SpecchatError": "specchat.common.errors",
     "ConfigError": "specchat.common.errors",

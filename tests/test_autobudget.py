@@ -15,7 +15,10 @@ from specchat.engine.autobudget.costmodel import (
     load_calibration,
     save_calibration,
 )
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.autobudget.costs import PassCosts
+from specchat.engine.engine import DEFAULT_DRAFT_BATCH, Engine, GenerationConfig
+from specchat.speculation.growth import Growth, choose_width
+from specchat.speculation.speculator import SpecExec
 
 from tiny import CharTokenizer, tiny_lm
 
@@ -136,53 +139,47 @@ def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
     reference = Engine(target, None, CharTokenizer(), [])
     plain = list(reference.generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=60)))
     assert events[-1].token_ids == plain[-1].token_ids
-    assert engine.calibration is not None  # measured on first use
-    tuner = engine.tuners[("specexec", 0.0, 1.0)]
+    assert engine.costs.calibration is not None  # measured on first use
+    tuner = engine.costs.tuners[("specexec", 0.0, 1.0)]
     assert tuner.current in CANDIDATES
     assert {e.tree_size for e in events[:-1]} <= set(CANDIDATES)
 
 
 def test_tuners_and_running_costs_are_kept_apart_per_setting():
-    engine = Engine(tiny_lm(0), tiny_lm(1), CharTokenizer(), [])
-    engine.calibration = Calibration({1: 0.5, 64: 0.9}, {"specexec": {1: 0.1, 64: 0.3}, "specinfer": {1: 0.1, 64: 0.3}})
+    calibration = Calibration({1: 0.5, 64: 0.9}, {"specexec": {1: 0.1, 64: 0.3}, "specinfer": {1: 0.1, 64: 0.3}})
+    engine = Engine(tiny_lm(0), tiny_lm(1), CharTokenizer(), [], costs=PassCosts(calibration))
     for temperature in (0.0, 0.6, 1.0):
         list(engine.generate([1, 2, 3], GenerationConfig(auto_budget=True, temperature=temperature, seed=1, max_new_tokens=4)))
-    assert set(engine.tuners) == {("specexec", 0.0, 1.0), ("specexec", 0.6, 1.0), ("specexec", 1.0, 1.0)}
+    assert set(engine.costs.tuners) == {("specexec", 0.0, 1.0), ("specexec", 0.6, 1.0), ("specexec", 1.0, 1.0)}
     list(engine.generate([1, 2, 3], GenerationConfig(budget=8, draft_batch=4, max_new_tokens=4)))
-    steps = dict(engine._draft_step_s)
-    assert set(steps) == {4, 16}  # by width
+    steps = dict(engine.costs.draft_step_s)
+    assert set(steps) == {4, DEFAULT_DRAFT_BATCH}  # by width
     list(engine.generate([1, 2, 3], GenerationConfig(method="specinfer", budget=32, draft_batch=4, max_new_tokens=4)))
-    assert engine._draft_step_s == steps  # SpecInfer's passes do not steer SpecExec's stop
+    assert engine.costs.draft_step_s == steps  # SpecInfer's passes do not steer SpecExec's stop
 
 
 @pytest.mark.parametrize("draft_seed", [0, 100])  # draft = target (all accepted), an unrelated draft (almost none)
 @pytest.mark.parametrize("steps", ["flat", "linear"])  # a GPU-like and a CPU-like draft step cost
-def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_seed, steps, monkeypatch):
-    from specchat.engine import engine as engine_module
-    from specchat.speculation import growth as growth_module
-
+def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_seed, steps):
     step_s = {1: 0.01, 8: 0.01, 32: 0.01} if steps == "flat" else {1: 0.01, 8: 0.09, 32: 0.4}  # per node: rising
     target, draft = tiny_lm(0), tiny_lm(draft_seed)
-    engine = Engine(target, draft, CharTokenizer(), [])
-    engine.calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, step_s)
+    calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, step_s)
     chosen = []
-    original = growth_module.choose_width
 
     def spy(probs, costs):
-        width = original(probs, costs)
+        width = choose_width(probs, costs)
         chosen.append(width[0])
         return width
 
     class TickingClock:  # every timed span lasts 0.1 s: the adaptive stop decides the same on any machine
         now = 0.0
 
-        @staticmethod
-        def perf_counter() -> float:
-            TickingClock.now += 0.1
-            return TickingClock.now
+        def __call__(self) -> float:
+            self.now += 0.1
+            return self.now
 
-    monkeypatch.setattr(growth_module, "choose_width", spy)
-    monkeypatch.setattr(engine_module, "time", TickingClock)
+    speculators = {"specexec": SpecExec(choose_width=spy)}
+    engine = Engine(target, draft, CharTokenizer(), [], costs=PassCosts(calibration), clock=TickingClock(), speculators=speculators)
     config = GenerationConfig(budget=32, draft_batch=8, auto_width=True, max_new_tokens=40)
     events = list(engine.generate([1, 2, 3], config))
     plain = list(Engine(target, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=40)))
@@ -194,35 +191,31 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
         assert max(chosen) <= 8
 
 
-def test_the_draft_time_scale_converges_to_measured_over_calibrated(monkeypatch):
+def test_the_draft_time_scale_converges_to_measured_over_calibrated():
     """Auto width rescales the calibrated step costs by what the passes measure: a draft that
     takes ~k times its calibrated seconds must end up costed at ~k (not at sqrt(k))."""
-    from specchat.engine import engine as engine_module
-    from specchat.speculation.growth import Growth
-
     target, draft = tiny_lm(0), tiny_lm(0)
-    engine = Engine(target, draft, CharTokenizer(), [])
-    engine.calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, {1: 0.01, 8: 0.02, 32: 0.05})
+    calibration = Calibration({1: 0.1, 64: 0.1}, {"specexec": {1: 0.01, 64: 0.3}}, {1: 0.01, 8: 0.02, 32: 0.05})
     calibrated_s, measured_s = 0.01, 0.05  # k = 5
-    real_grow = engine_module.grow_specexec
 
-    class Clock:  # the engine's clock: only the fake draft below takes time
+    class Clock:  # the engine's clock: only the slow draft below takes time
         now = 0.0
 
-        @staticmethod
-        def perf_counter() -> float:
-            return Clock.now
+        def __call__(self) -> float:
+            return self.now
 
-    def slow_grow(*args):
-        grown = real_grow(*args)
-        Clock.now += measured_s
-        # as grow_specexec reports it: the calibrated seconds times the scale in force
-        return Growth(grown.tree, grown.draft_forwards, engine._draft_scale * calibrated_s)
+    clock, costs = Clock(), PassCosts(calibration)
 
-    monkeypatch.setattr(engine_module, "time", Clock)
-    monkeypatch.setattr(engine_module, "grow_specexec", slow_grow)
+    class SlowSpecExec(SpecExec):
+        def grow(self, *args):
+            grown = super().grow(*args)
+            clock.now += measured_s
+            # as grow_specexec reports it: the calibrated seconds times the scale in force
+            return Growth(grown.tree, grown.draft_forwards, costs.draft_scale * calibrated_s)
+
+    engine = Engine(target, draft, CharTokenizer(), [], costs=costs, clock=clock, speculators={"specexec": SlowSpecExec()})
     config = GenerationConfig(budget=8, draft_batch=8, auto_width=True, max_new_tokens=1)
     for _ in range(30):
         engine.reset()
         list(engine.generate([1, 2, 3], config))
-    assert engine._draft_scale == pytest.approx(5.0, rel=0.01)  # sqrt(5) = 2.2 was the old fixed point
+    assert costs.draft_scale == pytest.approx(5.0, rel=0.01)  # not sqrt(5) = 2.2, a fixed point of a wrong update

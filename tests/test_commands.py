@@ -137,7 +137,7 @@ def test_setup_of_an_unknown_model_fails_cleanly():
 def test_write_config_keeps_other_keys_and_escapes_strings(tmp_path):
     import tomllib
 
-    from specchat.cli.setup import write_config
+    from specchat.app.setup import write_config
 
     path = tmp_path / "config.toml"
     path.write_text("temperature = 0.6\n")

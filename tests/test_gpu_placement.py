@@ -12,7 +12,7 @@ import torch
 
 from specchat.model.lm import causal_visibility
 from specchat.model.loading import load_resident
-from specchat.model.placement import Memory, place_target
+from specchat.model.placement import Machine, Memory, place_target
 from specchat.model.target import load_target
 from specchat.sources.facts import read_facts
 from specchat.weights.store import build_store, store_dir_for
@@ -25,7 +25,8 @@ def load_as_if_on_gpu(target_dir, offload, quant, store_root, vram_free, draft_b
     facts = read_facts(target_dir)
     memory = Memory(psutil.virtual_memory().available, vram_free)
     plan = place_target(facts, offload, quant, None, torch.float32, GPU, memory, draft_bytes)
-    loaded = load_target(facts, plan, torch.float32, torch.device("cpu"), memory, draft_bytes, store_root, lambda line: None)
+    cpu_standing_in = Machine(torch.device("cpu"), torch.float32, memory)
+    loaded = load_target(facts, plan, cpu_standing_in, draft_bytes, store_root, lambda line: None)
     return loaded, plan
 
 

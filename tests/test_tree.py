@@ -23,7 +23,7 @@ def grow(method: str, budget: int, sampling: SamplingParams, seed: int = 0):
     if method == "specexec":
         tree = grow_specexec(draft, cache, COMMITTED, growth, sampling).tree
     else:
-        tree, _ = grow_specinfer(draft, cache, COMMITTED, growth, sampling, torch.Generator().manual_seed(seed))
+        tree = grow_specinfer(draft, cache, COMMITTED, growth, sampling, torch.Generator().manual_seed(seed)).tree
     return tree, draft, cache
 
 

@@ -3,7 +3,6 @@ loaded pipeline uses (its settings key), where it is kept, and measuring it when
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +10,7 @@ import torch
 
 from specchat.app.config import RunConfig
 from specchat.common.paths import config_file
-from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner, load_calibration, save_calibration
+from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner, calibrated_choices, load_calibration, save_calibration
 from specchat.engine.autobudget.measure import measure_calibration
 from specchat.model.placement import resolve_quant
 from specchat.sources.resolve import Progress
@@ -21,15 +20,29 @@ if TYPE_CHECKING:
     from specchat.app.loader import Pipeline
 
 
-def prepare_costs(pipeline: Pipeline, config: RunConfig, progress: Progress) -> None:
-    """Give a freshly loaded engine the costs its settings need: measured or loaded for
-    ``--budget auto``, the saved step costs (if any) for ``--draft-batch auto``."""
+def prepare_costs(pipeline: Pipeline, config: RunConfig, progress: Progress, calibrate: bool = True) -> None:
+    """Give a freshly loaded engine its cost owner's calibration source (the saved one for these
+    settings, else measured now and saved) and what its settings need at once: the calibration
+    for ``--budget auto`` (unless ``calibrate`` is False), the saved step costs (if any) for
+    ``--draft-batch auto``."""
     if pipeline.draft is None:
         return
-    if config.budget is None:
-        ensure_calibration(pipeline, config, progress)
+    costs, key = pipeline.engine.costs, calibration_key(pipeline, config)
+    costs.provider = lambda max_depth, width: load_calibration(calibration_file(), key) or _measure(pipeline, key, max_depth, width, progress)
+    if config.budget is None and calibrate:
+        costs.ensure(pipeline.engine.target, pipeline.engine.draft, config.max_depth, config.generation().draft_batch)
     elif config.draft_batch is None:  # auto width without a saved calibration: width 8
-        pipeline.engine.calibration = load_calibration(calibration_file(), calibration_key(pipeline, config))
+        costs.use(load_calibration(calibration_file(), key))
+
+
+def _measure(pipeline: Pipeline, key: str, max_depth: int, width: int, progress: Progress) -> Calibration:
+    """Measure these settings' pass costs now (growth timed at ``width``; auto width rescales online) and save them."""
+    progress("measuring pass times for --budget auto (once for these settings; `specchat setup` does it too)")
+    engine = pipeline.engine
+    calibration = measure_calibration(engine.target, engine.draft, max_depth, width, progress=progress)
+    save_calibration(calibration_file(), key, calibration)
+    progress(f"calibration saved to {calibration_file()}")
+    return calibration
 
 
 def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
@@ -54,30 +67,27 @@ def _device_label(device: torch.device) -> str:
     return device.type
 
 
+def calibrated_budgets(method: str = "specexec", max_depth: int = 32) -> list[dict[str, str]]:
+    """Each saved calibration (its settings key) with the budget ``auto`` would start at, and why."""
+    return calibrated_choices(calibration_file(), method, max_depth)
+
+
 def calibration_file() -> Path:
     """Kept with the config: the costs belong to this machine and these settings."""
     return config_file().parent / "calibration.json"
 
 
 def ensure_calibration(pipeline: Pipeline, config: RunConfig, progress: Progress, force: bool = False) -> Calibration:
-    """The engine's calibration: the saved one for these settings, else measured now and saved."""
-    key = calibration_key(pipeline, config)
-    calibration = None if force else load_calibration(calibration_file(), key)
-    if calibration is None:
-        progress("measuring pass times for --budget auto (once for these settings; `specchat setup` does it too)")
-        engine = pipeline.engine
-        growth_width = config.generation().draft_batch  # growth is timed at the fixed width; auto width rescales online
-        calibration = measure_calibration(engine.target, engine.draft, config.max_depth, growth_width, progress=progress)
-        save_calibration(calibration_file(), key, calibration)
-        progress(f"calibration saved to {calibration_file()}")
-    pipeline.engine.calibration = calibration
-    pipeline.engine.tuners.clear()
-    return calibration
+    """The engine's calibration: the saved one for these settings, else (or with ``force``) measured now and saved."""
+    costs, width = pipeline.engine.costs, config.generation().draft_batch
+    if force:
+        costs.use(_measure(pipeline, calibration_key(pipeline, config), config.max_depth, width, progress))
+    return costs.ensure(pipeline.engine.target, pipeline.engine.draft, config.max_depth, width)
 
 
 def calibrate_for_setup(pipeline: Pipeline, settings: RunConfig, progress: Progress) -> None:
     """Measure the cost model of a pipeline loaded as `run` will load it, and say what --budget auto would choose."""
-    calibration = ensure_calibration(pipeline, replace(settings, budget=None), progress, force=True)
+    calibration = ensure_calibration(pipeline, settings, progress, force=True)
     table = ", ".join(f"{k} tokens {s:.2f}s" for k, s in sorted(calibration.target_s.items()))
     progress(f"target pass: {table}")
     tuner = CostModelTuner(calibration, "specexec", settings.max_depth)

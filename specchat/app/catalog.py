@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 
-from specchat.app.hardware import fit
-from specchat.sources.registry import ModelEntry
+import psutil
+
+from specchat.app.hardware import fit, gpu_info
+from specchat.common.paths import cache_dir
+from specchat.sources.registry import ModelEntry, load_registry
+from specchat.weights.precision import cpu_auto_dtype
 
 
 def is_present(entry: ModelEntry) -> bool:
@@ -21,6 +26,19 @@ def is_present(entry: ModelEntry) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(entry.hub, "config.json"), str)
+
+
+def registry_rows() -> list[dict]:
+    """`specchat models`: every registered target with its fit on this machine as it is now."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    facts = {
+        "ram_available": psutil.virtual_memory().available,
+        "gpus": gpu_info(),
+        "disk_free": shutil.disk_usage(root).free,
+        "cpu": {"compute_dtype": cpu_auto_dtype()},
+    }
+    return model_rows(load_registry(), facts)
 
 
 def model_rows(registry: dict[str, ModelEntry], facts: dict) -> list[dict]:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from specchat.engine.engine import METHODS, EngineError, GenerationConfig
-from specchat.common.errors import InputError
+from specchat.common.errors import InputError, ResourceError
+from specchat.common.files import atomic_write
 from specchat.engine.events import DoneEvent, Event, GenerationStats, TextEvent
 
 SESSION_FORMAT = 1
@@ -70,7 +69,7 @@ class ChatSession:
         yield from self._fit_context()
         if self._needs_calibration():  # measured (and saved) here, not inside the reply's timing
             yield Notice("(measuring pass times for --budget auto, once for these settings)")
-            self.pipeline.ensure_calibration()
+            self.pipeline.engine.tuner_for(self.settings)
         prompt_ids = self.pipeline.encode_chat(self.conversation())
         partial: list[str] = []
         self.last_pass_sizes = []
@@ -208,7 +207,7 @@ class ChatSession:
 
     def _needs_calibration(self) -> bool:
         engine = self.pipeline.engine
-        return self.settings.auto_budget and self.settings.method != "ar" and engine.calibration is None
+        return self.settings.auto_budget and self.settings.method != "ar" and engine.costs.calibration is None
 
     def _budget_text(self) -> str:
         if not self.settings.auto_budget or self.settings.method == "ar":
@@ -244,9 +243,10 @@ def save_session(session: ChatSession, path: Path) -> None:
     }
     try:
         _write_private(path, json.dumps(payload, indent=1))
-    except OSError as exc:
+    except (OSError, ResourceError) as exc:
+        reason = exc.what if isinstance(exc, ResourceError) else exc.strerror or exc
         raise InputError(
-            f"cannot save the session to {path}: {exc.strerror or exc}", "choose another path; the conversation is still here"
+            f"cannot save the session to {path}: {reason}", "choose another path; the conversation is still here"
         ) from exc
 
 
@@ -258,19 +258,9 @@ def _saved_settings(settings: GenerationConfig) -> dict:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Atomic write (temp file + rename), mode 0600: the old file stays whole until the new one is."""
+    """Atomic write, mode 0600: the old file stays whole until the new one is."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o600)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, mode=0o600)
 
 
 def _loaded_settings(session: ChatSession, saved: dict) -> GenerationConfig:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from specchat.engine.engine import METHODS, GenerationConfig
+from specchat.engine.engine import DEFAULT_DRAFT_BATCH, METHODS, GenerationConfig
 from specchat.common.errors import ConfigError
 from specchat.weights.precision import DTYPE_CHOICES
 
@@ -22,7 +22,6 @@ QUANTS = ("auto", "16bit", "4bit")
 DRAFT_QUANTS = ("int8", "none")
 OFFLOADS = ("auto", "none", "ram", "ssd")  # on a CPU, "ram" means resident, like "none"
 DEVICES = ("auto", "cpu", "cuda")  # auto: the first CUDA GPU torch sees, else the CPU
-DEFAULT_DRAFT_BATCH = 8  # draft step width without calibrated costs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -11,7 +11,7 @@ import torch
 from specchat.app.config import RunConfig
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
-from specchat.model.placement import RAM_HEADROOM, Memory, draft_bytes, room_beside_target
+from specchat.model.placement import RAM_HEADROOM, Machine, draft_bytes, room_beside_target
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import ModelEntry
 from specchat.sources.resolve import ModelRef, Progress, materialize, parse_model_spec
@@ -29,27 +29,13 @@ class DraftChoice:
         return self.facts.path if self.facts else None
 
 
-@dataclass(frozen=True)
-class Machine:
-    """Where the models will compute, as decided once for the whole load."""
-
-    device: torch.device
-    dtype: torch.dtype
-    memory: Memory
-
-
 def int8_draft(config: RunConfig, device: torch.device) -> bool:
     """Dynamic int8 is a CPU speed-up; a GPU runs the draft in 16-bit."""
     return config.draft_quant == "int8" and device.type == "cpu"
 
 
 def choose_draft(
-    config: RunConfig,
-    target_ref: ModelRef,
-    target: ModelFacts,
-    registry: dict[str, ModelEntry],
-    machine: Machine,
-    progress: Progress,
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine, progress: Progress
 ) -> DraftChoice:
     """The draft for ``config``; its tokenizer is checked against the target's before anything loads."""
     if config.method == "ar" or config.draft == "none":
@@ -64,12 +50,7 @@ def choose_draft(
 
 
 def _auto_draft(
-    config: RunConfig,
-    target_ref: ModelRef,
-    target: ModelFacts,
-    registry: dict[str, ModelEntry],
-    machine: Machine,
-    progress: Progress,
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine, progress: Progress
 ) -> DraftChoice:
     """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
 

@@ -17,7 +17,7 @@ import torch
 from specchat.common.system import read_cpuinfo
 from specchat.model.placement import choose_cpu_mode, choose_gpu_mode
 from specchat.weights.precision import cpu_has_fast_bf16, dtype_name, resolve_compute_dtype
-from specchat.sources.registry import DEMO_TARGET, ModelEntry
+from specchat.sources.registry import DEMO_TARGET, ModelEntry, load_registry
 from specchat.model.stream.storeio import READ_THREADS, read_file_direct
 
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "sve")
@@ -145,8 +145,9 @@ def fit(entry: ModelEntry, facts: dict) -> str:
     return "no"
 
 
-def recommend(facts: dict, registry: dict[str, ModelEntry]) -> dict[str, dict[str, str]]:
-    """A target, draft, quant, offload and budget, each with one reason."""
+def recommend(facts: dict, registry: dict[str, ModelEntry] | None = None) -> dict[str, dict[str, str]]:
+    """A target, draft, quant, offload and budget, each with one reason (from models.toml by default)."""
+    registry = registry if registry is not None else load_registry()
     targets = sorted(
         (e for e in registry.values() if e.role in ("target", "both") and e.parts is None),
         key=lambda e: e.params_b,

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from specchat.app.config import RunConfig
-from specchat.app.drafts import DraftChoice, Machine, choose_draft, int8_draft
+from specchat.app.drafts import DraftChoice, choose_draft, int8_draft
 from specchat.common.paths import cache_dir
 from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
-from specchat.model.placement import OffloadPlan, free_memory, place_target, resolve_device
+from specchat.model.placement import Machine, OffloadPlan, free_memory, place_target, resolve_device
 from specchat.model.target import load_target
 from specchat.sources.facts import read_facts
 from specchat.sources.registry import load_registry
@@ -36,13 +36,6 @@ class Pipeline:
     def tokenizer(self):
         return self.target.tokenizer
 
-    def ensure_calibration(self, progress: Progress = lambda message: None) -> None:
-        """Measure (or load) and save the pass costs ``--budget auto`` needs, if the engine has none."""
-        from specchat.app.calibration import ensure_calibration  # (it needs this module's Pipeline)
-
-        if self.engine.calibration is None and self.engine.draft is not None and self.config is not None:
-            ensure_calibration(self, self.config, progress)
-
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the model's chat template, ready for the reply."""
         return encode_chat(self.tokenizer, messages)
@@ -56,8 +49,9 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_pipeline(config: RunConfig, progress: Progress = lambda message: None) -> Pipeline:
-    """Resolve the models, decide once where everything goes, pre-flight, load, pair."""
+def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, calibrate: bool = True) -> Pipeline:
+    """Resolve the models, decide once where everything goes, pre-flight, load, pair; with ``--budget auto``
+    the pass costs are measured (or loaded) too, unless ``calibrate`` is False."""
     registry = load_registry()
     target_ref = parse_model_spec(config.model, registry)
     target_facts = read_facts(materialize(target_ref, progress))
@@ -70,9 +64,7 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None) 
     )
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     progress(dtype_reason)
-    target = load_target(
-        target_facts, plan, dtype, device, machine.memory, choice.load_bytes, config.store or cache_dir() / "stores", progress
-    )
+    target = load_target(target_facts, plan, machine, choice.load_bytes, config.store or cache_dir() / "stores", progress)
     progress(plan.reason)
     draft = _load_draft(choice, config, machine, progress)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
@@ -80,9 +72,9 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None) 
         engine, target, draft, target_ref.display, choice.ref.display if choice.ref else None, choice.reason, plan, device,
         config, dtype,
     )
-    from specchat.app.calibration import prepare_costs
+    from specchat.app.calibration import prepare_costs  # (it needs this module's Pipeline)
 
-    prepare_costs(pipeline, config, progress)
+    prepare_costs(pipeline, config, progress, calibrate)
     return pipeline
 
 

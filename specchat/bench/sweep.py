@@ -65,7 +65,7 @@ class Row:
 
     @property
     def tree_nodes_per_pass(self) -> float | None:
-        """None for AR, and where a run was logged before tree sizes were (session 5)."""
+        """None for AR, and where a logged run did not record its tree sizes."""
         if self.method == "ar" or not all(stats.tree_nodes for stats in self.runs):
             return None
         return self.per_pass("tree_nodes")

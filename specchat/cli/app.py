@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from specchat.cli.boundary import error_boundary
-from specchat.app.config import build_config
-from specchat.common.paths import config_file
+from specchat import build_config, config_file
 
 app = typer.Typer(
     name="specchat",
@@ -41,6 +41,32 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System promp
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 
 
+SETTING_OPTIONS = {
+    "model": ModelOpt, "draft": DraftOpt, "draft_quant": DraftQuantOpt, "quant": QuantOpt, "offload": OffloadOpt,
+    "device": DeviceOpt, "dtype": DtypeOpt, "ram_budget": RamBudgetOpt, "store": StoreOpt, "method": MethodOpt,
+    "budget": BudgetOpt, "draft_batch": DraftBatchOpt, "temperature": TemperatureOpt, "top_p": TopPOpt, "seed": SeedOpt,
+    "max_new_tokens": MaxNewOpt, "system": SystemOpt,
+}
+RUN_SETTINGS = tuple(SETTING_OPTIONS)  # what `run` and `chat` take
+PLACEMENT_SETTINGS = ("draft", "quant", "offload", "device", "dtype", "ram_budget", "store")
+SETUP_SETTINGS = PLACEMENT_SETTINGS  # `setup` takes its model as an argument
+BENCH_SETTINGS = ("model", "draft_quant", *PLACEMENT_SETTINGS, "draft_batch")  # the sweep sets the rest
+
+
+def _with_setting_options(*names: str):
+    """Give a command the run-setting options ``names`` (one definition for every command that
+    takes them); the command receives them as keyword arguments, None where not given."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SETTING_OPTIONS[n]) for n in names]
+        command.__signature__ = signature.replace(parameters=own + extra)
+        return command
+
+    return decorate
+
+
 def _version(value: bool) -> None:
     if value:
         from specchat import __version__
@@ -57,37 +83,17 @@ def specchat(
 
 
 @app.command()
+@_with_setting_options(*RUN_SETTINGS)
 def run(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; omitted or '-' reads stdin.")] = None,
     config: ConfigOpt = None,
-    model: ModelOpt = None,
-    draft: DraftOpt = None,
-    draft_quant: DraftQuantOpt = None,
-    quant: QuantOpt = None,
-    offload: OffloadOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    ram_budget: RamBudgetOpt = None,
-    store: StoreOpt = None,
-    method: MethodOpt = None,
-    budget: BudgetOpt = None,
-    draft_batch: DraftBatchOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    system: SystemOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and stats.")] = False,
     debug: DebugOpt = False,
+    **flags,
 ) -> None:
     """Answer one prompt and exit. Reads stdin when PROMPT is omitted or '-'."""
     from specchat.cli.run import read_prompt, run_oneshot, stderr_progress
 
-    flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget, store=store,
-        method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p, seed=seed,
-        max_new_tokens=max_new_tokens, system=system,
-    )
     with error_boundary(debug):
         settings = build_config(flags, config, config_file())
         text = read_prompt(prompt, sys.stdin)
@@ -95,36 +101,16 @@ def run(
 
 
 @app.command()
+@_with_setting_options(*RUN_SETTINGS)
 def chat(
     config: ConfigOpt = None,
-    model: ModelOpt = None,
-    draft: DraftOpt = None,
-    draft_quant: DraftQuantOpt = None,
-    quant: QuantOpt = None,
-    offload: OffloadOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    ram_budget: RamBudgetOpt = None,
-    store: StoreOpt = None,
-    method: MethodOpt = None,
-    budget: BudgetOpt = None,
-    draft_batch: DraftBatchOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    system: SystemOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a session saved with /save.")] = None,
     debug: DebugOpt = False,
+    **flags,
 ) -> None:
     """Hold a conversation. Reads one message per line when stdin is not a terminal."""
     from specchat.cli.chat import run_chat
 
-    flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget,
-        store=store, method=method, budget=budget, draft_batch=draft_batch, temperature=temperature, top_p=top_p,
-        seed=seed, max_new_tokens=max_new_tokens, system=system,
-    )
     with error_boundary(debug):
         run_chat(build_config(flags, config, config_file()), resume)
 
@@ -139,17 +125,15 @@ def detect(
     import json
 
     from specchat.app.hardware import detect as detect_hardware, recommend
-    from specchat.common.paths import cache_dir
-    from specchat.sources.registry import load_registry
+    from specchat import cache_dir
     from specchat.cli.views import detect_report
 
-    from specchat.engine.autobudget.costmodel import calibrated_choices
-    from specchat.app.calibration import calibration_file
+    from specchat.app.calibration import calibrated_budgets
 
     with error_boundary(debug):
         facts = detect_hardware(store or cache_dir() / "stores")
-        advice = recommend(facts, load_registry())
-        calibrated = calibrated_choices(calibration_file())
+        advice = recommend(facts)
+        calibrated = calibrated_budgets()
         if json_output:
             print(json.dumps(facts | {"recommendation": advice, "calibrated_budget": calibrated}, indent=1))
         else:
@@ -164,24 +148,11 @@ def models(
     """List registered targets with their drafts, sizes, presence and fit on this machine."""
     import json
 
-    import psutil
-
-    from specchat.app.catalog import model_rows
-    from specchat.app.hardware import gpu_info
-    from specchat.common.paths import cache_dir
-    from specchat.sources.registry import load_registry
+    from specchat.app.catalog import registry_rows
     from specchat.cli.views import models_table
 
     with error_boundary(debug):
-        import shutil
-
-        root = cache_dir()
-        root.mkdir(parents=True, exist_ok=True)
-        from specchat.weights.precision import cpu_auto_dtype
-
-        cpu = {"compute_dtype": cpu_auto_dtype()}
-        facts = {"ram_available": psutil.virtual_memory().available, "gpus": gpu_info(), "disk_free": shutil.disk_usage(root).free, "cpu": cpu}
-        rows = model_rows(load_registry(), facts)
+        rows = registry_rows()
         if json_output:
             print(json.dumps(rows, indent=1))
         else:
@@ -189,26 +160,20 @@ def models(
 
 
 @app.command()
+@_with_setting_options(*SETUP_SETTINGS)
 def setup(
     model: Annotated[str, typer.Argument(help="Registry name, hub id, directory or .gguf.")] = "demo",
-    draft: DraftOpt = None,
-    quant: QuantOpt = None,
-    offload: OffloadOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    ram_budget: RamBudgetOpt = None,
-    store: StoreOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before downloading.")] = False,
     debug: DebugOpt = False,
+    **flags,
 ) -> None:
     """Fetch a model and its draft, build the layer store if it will stream, and write the config."""
-    from specchat.cli.setup import run_setup
+    from specchat.cli.setup import setup_command
 
     with error_boundary(debug):
         # From defaults and flags only: a previous setup's model, draft or placement must not leak into this one.
-        flags = dict(draft=draft, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget, store=store)
         settings = build_config(flags, None, config_file(), use_file=False)
-        run_setup(model, settings, yes)
+        setup_command(model, settings, yes)
 
 
 def _budget(text: str) -> int:
@@ -223,7 +188,7 @@ def _budget(text: str) -> int:
 
 
 def _split(text: str, kind, what: str) -> tuple:
-    from specchat.common.errors import ConfigError
+    from specchat import ConfigError
 
     try:
         return tuple(dict.fromkeys(kind(part) for part in text.split(",") if part.strip()))  # in order, once each
@@ -232,6 +197,7 @@ def _split(text: str, kind, what: str) -> tuple:
 
 
 @app.command()
+@_with_setting_options(*BENCH_SETTINGS)
 def bench(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompts (MT-Bench {\"turns\": [...]} or {\"prompt\": ...}). Default: MT-Bench first turns.")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of prompts.")] = 20,
@@ -242,16 +208,6 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     config: ConfigOpt = None,
-    model: ModelOpt = None,
-    draft: DraftOpt = None,
-    draft_quant: DraftQuantOpt = None,
-    quant: QuantOpt = None,
-    offload: OffloadOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    ram_budget: RamBudgetOpt = None,
-    store: StoreOpt = None,
-    draft_batch: DraftBatchOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Re-measure the cost model behind --budget auto first.")] = False,
     full_growth: Annotated[bool, typer.Option("--full-growth", help="SpecExec: grow each tree until its nodes are the draft's best (no adaptive stop; drafting gets slower): what the stop costs in tokens per pass.")] = False,
@@ -259,15 +215,12 @@ def bench(
     log: Annotated[Optional[Path], typer.Option("--log", help="Append every run to this JSONL file; an existing log of the same benchmark is resumed.")] = None,
     from_log: Annotated[Optional[Path], typer.Option("--from-log", help="Run nothing: render the prompts a --log file completed.")] = None,
     debug: DebugOpt = False,
+    **flags,
 ) -> None:
     """Measure tokens per pass and tokens/s of each method and budget on a prompt set."""
     from specchat.cli.bench import BenchOutput, render_log_command, run_bench_command
 
     output = BenchOutput(as_json=json_output, plot=plot, log=log)
-    flags = dict(
-        model=model, draft=draft, draft_quant=draft_quant, quant=quant, offload=offload, device=device, dtype=dtype, ram_budget=ram_budget,
-        store=store, draft_batch=draft_batch,
-    )
     with error_boundary(debug):
         if from_log is not None:
             render_log_command(from_log, output)

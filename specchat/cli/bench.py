@@ -12,13 +12,9 @@ from rich.progress import Progress
 
 from specchat.bench.sweep import AUTO, BenchConfig, Row, configurations, load_prompts, run_bench
 from specchat.bench.log import LogWriter, read_log, stream_rate
-from specchat.app.config import RunConfig
-from specchat.engine.engine import METHODS, GenerationConfig
-from specchat.common.errors import ConfigError, InputError
+from specchat import METHODS, ConfigError, GenerationConfig, InputError, RunConfig, load, resolve_device
 from specchat.cli.run import stderr_progress
 from specchat.app.calibration import ensure_calibration
-from specchat.app.loader import load_pipeline
-from specchat.model.placement import resolve_device
 from specchat.cli.views import bench_json, bench_plot, bench_table
 
 
@@ -43,6 +39,41 @@ def run_bench_command(
     calibrate: bool = False,
     full_growth: bool = False,
 ) -> None:
+    needs_draft = _validate(settings, methods, budgets, temperatures, n, top_p, max_new_tokens)
+    _check_plot_backend(output.plot)
+    bench = BenchConfig(load_prompts(prompts_file, n), methods, budgets, temperatures, top_p, max_new_tokens, seed, full_growth)
+    keys = configurations(bench)
+    log = LogWriter(output.log, _log_setup(settings, bench), keys) if output.log else None
+    skip = frozenset(log.done_prompts()) if log else frozenset()
+    if log and skip >= set(range(len(bench.prompts))):
+        log.close()
+        print(f"{output.log}: every prompt is already measured", file=sys.stderr)
+        render_log_command(output.log, output)
+        return
+    # "ar" needs no draft, but the other methods do: load one only if some method uses it.
+    # The budget `auto` and the draft width `auto` run on a calibration: loaded without one, then
+    # ensured here, once -- so every run of a sweep has the same costs, saved or measured.
+    loaded = replace(settings, method="specexec") if needs_draft else _without_draft(settings)
+    pipeline = load(loaded, stderr_progress, calibrate=False)
+    if (calibrate or AUTO in budgets or settings.draft_batch is None) and pipeline.draft is not None:
+        ensure_calibration(pipeline, settings, stderr_progress, force=calibrate)
+    bandwidths = [_stream_bandwidth(pipeline, log)]
+    rows, reads = _run_measured(pipeline, bench, settings, log, skip, keys, output)
+    bandwidths.append(_stream_bandwidth(pipeline, log))
+    setup = _resolved_setup(pipeline, settings, bench)
+    if log:
+        log.pipeline(setup)
+        log.close()
+        logged = read_log(output.log)  # the resumed prompts too
+        rows, (bandwidth, source) = logged.rows(), stream_rate(logged.reads, logged.bandwidths)
+        setup["prompts"] = len(logged.complete_prompts())
+    else:
+        bandwidth, source = stream_rate(reads, [b for b in bandwidths if b])
+    _render(rows, setup | {"stream_measured": source}, bandwidth, output)
+
+
+def _validate(settings: RunConfig, methods, budgets, temperatures, n: int, top_p: float, max_new_tokens: int) -> bool:
+    """Refuse a sweep that cannot run, before anything loads; returns whether it needs a draft."""
     if not methods or not temperatures:
         raise ConfigError("--methods and --temperatures need at least one value")
     for method in methods:
@@ -60,24 +91,11 @@ def run_bench_command(
         GenerationConfig(top_p=top_p, max_new_tokens=max_new_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    _check_plot_backend(output.plot)
-    bench = BenchConfig(load_prompts(prompts_file, n), methods, budgets, temperatures, top_p, max_new_tokens, seed, full_growth)
-    keys = configurations(bench)
-    log = LogWriter(output.log, _log_setup(settings, bench), keys) if output.log else None
-    skip = frozenset(log.done_prompts()) if log else frozenset()
-    if log and skip >= set(range(len(bench.prompts))):
-        log.close()
-        print(f"{output.log}: every prompt is already measured", file=sys.stderr)
-        render_log_command(output.log, output)
-        return
-    # "ar" needs no draft, but the other methods do: load one only if some method uses it.
-    # The budget `auto` and the draft width `auto` run on a calibration: load with a fixed budget,
-    # then ensure it here, once -- so every run of a sweep has the same costs, saved or measured.
-    loaded = replace(settings, method="specexec", budget=max((b for b in budgets if b != AUTO), default=64))
-    pipeline = load_pipeline(loaded if needs_draft else _without_draft(settings), stderr_progress)
-    if (calibrate or AUTO in budgets or settings.draft_batch is None) and pipeline.draft is not None:
-        ensure_calibration(pipeline, replace(settings, budget=None), stderr_progress, force=calibrate)
-    bandwidths = [_stream_bandwidth(pipeline, log)]
+    return needs_draft
+
+
+def _run_measured(pipeline, bench: BenchConfig, settings: RunConfig, log, skip, keys, output: BenchOutput):
+    """Every configuration on every prompt not yet measured, with a progress bar: (rows, reads per run)."""
     counters = getattr(pipeline.engine.target.layer_source, "read_counters", None)
     reads: list[tuple[int, float]] = []
     last = counters() if counters else (0, 0.0)
@@ -105,17 +123,7 @@ def run_bench_command(
             progress.advance(task)
 
         rows = run_bench(pipeline, bench, settings.generation(), on_run, skip)
-    bandwidths.append(_stream_bandwidth(pipeline, log))
-    setup = _resolved_setup(pipeline, settings, bench)
-    if log:
-        log.pipeline(setup)
-        log.close()
-        logged = read_log(output.log)  # the resumed prompts too
-        rows, (bandwidth, source) = logged.rows(), stream_rate(logged.reads, logged.bandwidths)
-        setup["prompts"] = len(logged.complete_prompts())
-    else:
-        bandwidth, source = stream_rate(reads, [b for b in bandwidths if b])
-    _render(rows, setup | {"stream_measured": source}, bandwidth, output)
+    return rows, reads
 
 
 def render_log_command(path: Path, output: BenchOutput) -> None:
@@ -163,7 +171,7 @@ def _log_setup(settings: RunConfig, bench: BenchConfig) -> dict:
         "max_new_tokens": bench.max_new_tokens, "top_p": bench.top_p, "seed": bench.seed,
     }
     device = resolve_device(settings.device).type
-    if device != "cpu":  # (absent on a CPU, so that the logs of earlier sessions still resume)
+    if device != "cpu":  # absent on a CPU, so that logs written without the key still resume
         setup["device"] = device
     if bench.full_growth:  # (absent when off, likewise)
         setup["full_growth"] = True

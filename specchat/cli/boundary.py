@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import typer
 
-from specchat.common.errors import SpecchatError
+from specchat import SpecchatError
 
 EXIT_INTERRUPTED = 130
 

@@ -7,12 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from specchat.app.chat import ChatSession, load_session
-from specchat.app.config import RunConfig
-from specchat.common.errors import InputError
+from specchat import ChatSession, InputError, RunConfig, load, state_dir
+from specchat.app.chat import load_session
 from specchat.cli.run import stderr_progress
-from specchat.common.paths import state_dir
-from specchat.app.loader import load_pipeline
 from specchat.cli.repl import Repl, pipe_reader, terminal_reader
 
 
@@ -20,14 +17,14 @@ def _load(settings: RunConfig):
     """Load once, with a spinner and the current step on a terminal's stderr."""
     err = Console(stderr=True)
     if not err.is_terminal:
-        return load_pipeline(settings, stderr_progress)
+        return load(settings, stderr_progress)
     with err.status("loading") as status:
 
         def progress(message: str) -> None:
             err.print(message, style="dim", highlight=False)
             status.update(message)
 
-        return load_pipeline(settings, progress)
+        return load(settings, progress)
 
 
 def run_chat(settings: RunConfig, resume: Path | None) -> None:

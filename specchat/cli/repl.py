@@ -16,9 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from specchat.app.chat import ChatSession, Notice
-from specchat.common.errors import SpecchatError
-from specchat.engine.events import DoneEvent, TextEvent
+from specchat import ChatSession, DoneEvent, Notice, SpecchatError, TextEvent
 
 COMMANDS = ["/help", "/reset", "/system", "/set", "/stats", "/save", "/load", "/exit"]
 BLOCK = '"""'

@@ -6,11 +6,7 @@ import json
 import sys
 from typing import TextIO
 
-from specchat.app.config import RunConfig
-from specchat.engine.engine import EngineError
-from specchat.common.errors import InputError
-from specchat.engine.events import DoneEvent, TextEvent
-from specchat.app.loader import load_pipeline
+from specchat import DoneEvent, EngineError, InputError, RunConfig, TextEvent, load
 
 
 def read_prompt(prompt: str | None, stdin: TextIO) -> str:
@@ -43,7 +39,7 @@ def stats_line(stats) -> str:
 def run_oneshot(
     config: RunConfig, prompt: str, as_json: bool, out: TextIO, err: TextIO, progress
 ) -> None:
-    pipeline = load_pipeline(config, progress)
+    pipeline = load(config, progress)
     progress(pipeline.draft_reason)
     messages = [{"role": "system", "content": config.system}] if config.system else []
     messages.append({"role": "user", "content": prompt.strip()})

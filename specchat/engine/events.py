@@ -33,7 +33,7 @@ class GenerationStats:
     disk_read_bytes: int  # storage bytes read during the whole request
     decode_read_bytes: int  # of which after the prefill: the streamed target's passes
     finish_reason: str  # "eos" | "length" | "stop" | "interrupted"
-    tree_nodes: int = 0  # tree nodes the target verified over all passes, roots excluded (logs before session 5: 0)
+    tree_nodes: int = 0  # tree nodes the target verified over all passes, roots excluded (0 in logs that did not record it)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,13 +36,9 @@ class LanguageModel(Protocol):
         """A hint that :meth:`forward` is coming (a streamed target starts reading its layers)."""
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        visible: torch.Tensor,
-        cache: KVCache,
+        self, input_ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: KVCache,
         logit_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor: ...  # as LayeredLM.forward
 
 
 class LayerSource(Protocol):

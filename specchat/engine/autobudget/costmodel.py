@@ -37,6 +37,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specchat.common.files import atomic_write
+
 CANDIDATES = tuple(2**i for i in range(11))  # 1 .. 1024
 PRIOR_BETA = 0.6  # tokens per doubling of K; the demo pair measured 0.54-0.65 (docs/benchmarks.md)
 WEIGHT = 0.25  # of a new pass in the running estimates
@@ -139,9 +141,7 @@ def save_calibration(path: Path, key: str, calibration: Calibration) -> None:
         everything = {}
     everything[key] = calibration.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(everything, indent=1) + "\n")
-    temporary.replace(path)
+    atomic_write(path, json.dumps(everything, indent=1) + "\n")
 
 
 @dataclass

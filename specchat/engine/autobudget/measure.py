@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 
 from specchat.engine.autobudget.costmodel import Calibration
-from specchat.speculation.growth import GrowthParams, grow_specexec, grow_specinfer
+from specchat.speculation.growth import GrowthParams
+from specchat.speculation.speculator import SPECULATORS, speculator_for
 from specchat.model.lm import LanguageModel, causal_visibility
 from specchat.speculation.sampling import SamplingParams
 
@@ -60,6 +61,7 @@ def time_growth(draft: LanguageModel, method: str, budgets: tuple[int, ...], max
         torch.tensor(committed[:-1]), torch.arange(PREFIX - 1), causal_visibility(0, PREFIX - 1), cache,
         logit_rows=torch.tensor([PREFIX - 2]),
     )
+    speculator = speculator_for(method)
     greedy = SamplingParams(0.0, 1.0)
     generator = torch.Generator().manual_seed(0)
     times = {}
@@ -68,10 +70,7 @@ def time_growth(draft: LanguageModel, method: str, budgets: tuple[int, ...], max
 
         def grow() -> None:
             cache.crop(PREFIX - 1)
-            if method == "specexec":
-                grow_specexec(draft, cache, committed, growth, greedy)
-            else:
-                grow_specinfer(draft, cache, committed, growth, greedy, generator)
+            speculator.grow(draft, cache, committed, growth, greedy, generator)
 
         times[budget] = _fastest(grow, repeats)
     cache.crop(PREFIX - 1)
@@ -93,6 +92,6 @@ def measure_calibration(
     if draft is not None:
         progress("calibrating: draft steps and tree growth")
         step_s = time_forwards(draft, DRAFT_WIDTHS, max(repeats, 2))
-        for method in ("specexec", "specinfer"):
+        for method in SPECULATORS:
             draft_s[method] = time_growth(draft, method, sizes, max_depth, batch, repeats)
     return Calibration({k: target_s[k] for k in sizes}, draft_s, step_s)

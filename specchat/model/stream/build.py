@@ -35,6 +35,31 @@ def _resident_weights(store: Store, compute_dtype: torch.dtype, tied: bool) -> t
     return weights, embed_16bit
 
 
+def _resident_skeleton(store: Store, compute_dtype: torch.dtype, device: torch.device):
+    """(the model with its resident tensors loaded and no decoder layers, its config, the layer class)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(store.path)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, attn_implementation="sdpa")
+    layer_class = type(skeleton.model.layers[0])
+    rotary_class = type(skeleton.model.rotary_emb)
+    skeleton.model.layers = nn.ModuleList()
+    weights, embed_16bit = _resident_weights(store, compute_dtype, getattr(config, "tie_word_embeddings", False))
+    missing = set(dict(skeleton.named_parameters())) - set(weights) - ({EMBED} if embed_16bit is not None else set())
+    if missing:
+        raise CorruptModel(f"layer store {store.path} lacks {sorted(missing)[0]}", f"delete {store.path} and rebuild")
+    skeleton.load_state_dict(weights, strict=False, assign=True)
+    if embed_16bit is not None:
+        skeleton.model.embed_tokens = UpcastEmbedding(embed_16bit, compute_dtype)
+    skeleton.model.rotary_emb = rotary_class(config=config)
+    if getattr(config, "tie_word_embeddings", False):  # one Parameter, so that .to(device) keeps one copy
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+    skeleton.to(device).eval()
+    return skeleton, config, layer_class
+
+
 def load_streamed(
     store: Store,
     compute_dtype: torch.dtype = torch.float32,
@@ -58,26 +83,7 @@ def load_streamed(
     device = torch.device(device)
     if copy_to_device is None:
         copy_to_device = device.type != "cpu"
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(store.path)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, attn_implementation="sdpa")
-    layer_class = type(skeleton.model.layers[0])
-    rotary_class = type(skeleton.model.rotary_emb)
-    skeleton.model.layers = nn.ModuleList()
-    weights, embed_16bit = _resident_weights(store, compute_dtype, getattr(config, "tie_word_embeddings", False))
-    missing = set(dict(skeleton.named_parameters())) - set(weights) - ({EMBED} if embed_16bit is not None else set())
-    if missing:
-        raise CorruptModel(f"layer store {store.path} lacks {sorted(missing)[0]}", f"delete {store.path} and rebuild")
-    skeleton.load_state_dict(weights, strict=False, assign=True)
-    if embed_16bit is not None:
-        skeleton.model.embed_tokens = UpcastEmbedding(embed_16bit, compute_dtype)
-    skeleton.model.rotary_emb = rotary_class(config=config)
-    if getattr(config, "tie_word_embeddings", False):  # one Parameter, so that .to(device) keeps one copy
-        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
-    skeleton.to(device).eval()
+    skeleton, config, layer_class = _resident_skeleton(store, compute_dtype, device)
     on_cpu = device.type == "cpu"
     if on_cpu:
         use_weight_left_linears(skeleton)

@@ -1,0 +1,80 @@
+"""One object per tree method: how it grows a tree with the draft and how it walks the verified
+tree.  The engine picks one by name once per request (:func:`speculator_for`); a new method or a
+new kind of draft plugs in here, not as another branch in the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specchat.model.kvcache import KVCache
+from specchat.model.lm import LanguageModel
+from specchat.speculation.growth import Growth, GrowthParams, choose_width, grow_specexec, grow_specinfer
+from specchat.speculation.sampling import SamplingParams
+from specchat.speculation.tree import Tree
+from specchat.speculation.verify import walk_specexec, walk_specinfer
+
+
+class Speculator(Protocol):
+    name: str
+    # Whether its draft steps are all of one width, so that their measured seconds may steer
+    # SpecExec's adaptive stop (SpecInfer's levels have other widths and would mislead it).
+    times_draft_steps: bool
+
+    def grow(
+        self, draft: LanguageModel, cache: KVCache, committed: list[int], growth: GrowthParams,
+        sampling: SamplingParams, generator: torch.Generator | None,
+    ) -> Growth:
+        """A tree of ``growth.budget`` nodes after the committed tokens (draft-side KV reused)."""
+        ...
+
+    def walk(
+        self, tree: Tree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
+    ) -> tuple[list[int], int]:
+        """(accepted node indices, root excluded; the token drawn after them) from the target's
+        (N, V) tree logits."""
+        ...
+
+
+@dataclass(frozen=True)
+class SpecExec:
+    """Best-first growth of the draft's most probable paths; the walk samples the target at each
+    visited node (SpecExec, arXiv 2406.02532, Sec. 3)."""
+
+    name: str = "specexec"
+    times_draft_steps: bool = True
+    choose_width: Callable = choose_width  # each step's width, from the calibrated step costs
+
+    def grow(self, draft, cache, committed, growth, sampling, generator) -> Growth:
+        return grow_specexec(draft, cache, committed, growth, sampling, self.choose_width)
+
+    def walk(self, tree, logits, sampling, generator) -> tuple[list[int], int]:
+        return walk_specexec(tree, logits, sampling, generator)
+
+
+@dataclass(frozen=True)
+class SpecInfer:
+    """A tree sampled from the draft; multi-step speculative sampling verifies it (SpecInfer,
+    arXiv 2305.09781, Sec. 4)."""
+
+    name: str = "specinfer"
+    times_draft_steps: bool = False
+
+    def grow(self, draft, cache, committed, growth, sampling, generator) -> Growth:
+        return grow_specinfer(draft, cache, committed, growth, sampling, generator)
+
+    def walk(self, tree, logits, sampling, generator) -> tuple[list[int], int]:
+        return walk_specinfer(tree, logits, sampling, generator)
+
+
+SPECULATORS: dict[str, Speculator] = {"specexec": SpecExec(), "specinfer": SpecInfer()}
+
+
+def speculator_for(method: str, speculators: Mapping[str, Speculator] = SPECULATORS) -> Speculator:
+    try:
+        return speculators[method]
+    except KeyError:
+        raise ValueError(f"no tree method {method!r}; one of {', '.join(SPECULATORS)}") from None
