@@ -48,7 +48,7 @@ def main() -> None:
         for budget in [int(b) for b in args.budgets.split(",")]:
             for width in (str(args.fixed), "auto"):
                 pipeline.engine.reset()
-                config = GenerationConfig(budget=budget, draft_batch=args.fixed, auto_width=width == "auto",
+                config = GenerationConfig(budget=budget, draft_batch=None if width == "auto" else args.fixed,
                                           max_new_tokens=args.max_new_tokens, seed=index)
                 forwards, done = [], None
                 for event in pipeline.engine.generate(ids, config):

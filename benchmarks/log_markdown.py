@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from specchat.bench.sweep import AUTO, physical_limit, ratios_to_ar
+from specchat.bench.sweep import physical_limit, ratios_to_ar
 from specchat.bench.log import read_log
 
 
@@ -29,7 +29,7 @@ def main(path: str) -> None:
         key = (row.method, row.budget, row.temperature)
         spread = _per_prompt_spread(log, prompts, key)
         limit = physical_limit(row, bandwidth)
-        budget = "auto" if row.budget == AUTO else ("-" if row.method == "ar" else str(row.budget))
+        budget = "auto" if row.budget is None else ("-" if row.method == "ar" else str(row.budget))
         ratio = ratios.get(key)
         print(
             f"| {row.method} | {budget} | {row.temperature:g} | {_nodes(row)} | {row.tokens_per_pass:.2f} | {row.tokens_per_s:.2f} | "

@@ -135,7 +135,7 @@ def test_measuring_a_tiny_pair_times_every_size_method_and_width():
 def test_auto_budget_keeps_greedy_output_exact_and_records_what_it_used():
     target, draft = tiny_lm(0), tiny_lm(0)
     engine = Engine(target, draft, CharTokenizer(), [])
-    events = list(engine.generate([1, 2, 3], GenerationConfig(budget=4, auto_budget=True, max_new_tokens=60)))
+    events = list(engine.generate([1, 2, 3], GenerationConfig(budget=None, max_new_tokens=60)))
     reference = Engine(target, None, CharTokenizer(), [])
     plain = list(reference.generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=60)))
     assert events[-1].token_ids == plain[-1].token_ids
@@ -149,7 +149,7 @@ def test_tuners_and_running_costs_are_kept_apart_per_setting():
     calibration = Calibration({1: 0.5, 64: 0.9}, {"specexec": {1: 0.1, 64: 0.3}, "specinfer": {1: 0.1, 64: 0.3}})
     engine = Engine(tiny_lm(0), tiny_lm(1), CharTokenizer(), [], costs=PassCosts(calibration))
     for temperature in (0.0, 0.6, 1.0):
-        list(engine.generate([1, 2, 3], GenerationConfig(auto_budget=True, temperature=temperature, seed=1, max_new_tokens=4)))
+        list(engine.generate([1, 2, 3], GenerationConfig(budget=None, temperature=temperature, seed=1, max_new_tokens=4)))
     assert set(engine.costs.tuners) == {("specexec", 0.0, 1.0), ("specexec", 0.6, 1.0), ("specexec", 1.0, 1.0)}
     list(engine.generate([1, 2, 3], GenerationConfig(budget=8, draft_batch=4, max_new_tokens=4)))
     steps = dict(engine.costs.draft_step_s)
@@ -180,7 +180,7 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
 
     speculators = {"specexec": SpecExec(choose_width=spy)}
     engine = Engine(target, draft, CharTokenizer(), [], costs=PassCosts(calibration), clock=TickingClock(), speculators=speculators)
-    config = GenerationConfig(budget=32, draft_batch=8, auto_width=True, max_new_tokens=40)
+    config = GenerationConfig(budget=32, draft_batch=None, max_new_tokens=40)
     events = list(engine.generate([1, 2, 3], config))
     plain = list(Engine(target, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=40)))
     assert events[-1].token_ids == plain[-1].token_ids
@@ -214,7 +214,7 @@ def test_the_draft_time_scale_converges_to_measured_over_calibrated():
             return Growth(grown.tree, grown.draft_forwards, costs.draft_scale * calibrated_s)
 
     engine = Engine(target, draft, CharTokenizer(), [], costs=costs, clock=clock, speculators={"specexec": SlowSpecExec()})
-    config = GenerationConfig(budget=8, draft_batch=8, auto_width=True, max_new_tokens=1)
+    config = GenerationConfig(budget=8, draft_batch=None, max_new_tokens=1)
     for _ in range(30):
         engine.reset()
         list(engine.generate([1, 2, 3], config))

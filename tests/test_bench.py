@@ -258,3 +258,16 @@ def test_full_growth_turns_the_adaptive_stop_off(full):
     bench = BenchConfig(("a",), ("specexec", "ar"), (8,), (0.0,), 1.0, 4, 0, full_growth=full)
     run_bench(Pipeline(), bench, GenerationConfig(), on_run=lambda record: None)
     assert seen == [("specexec", not full), ("ar", not full)]
+
+
+def test_bench_logs_spell_the_auto_budget_minus_one_and_read_it_back_as_auto():
+    """Logs written before and after auto became None in memory render alike: -1 on disk is auto."""
+    from pathlib import Path
+
+    from specchat.bench.log import read_log
+
+    log = read_log(Path(__file__).parents[1] / "benchmarks" / "results" / "ram_bf16_n10_t0.jsonl")
+    assert ("specexec", None, 0.0) in log.configurations
+    rendered = runner.invoke(app, ["bench", "--from-log", str(Path(__file__).parents[1] / "benchmarks" / "results" / "ram_bf16_n10_t0.jsonl"), "--json"])
+    assert rendered.exit_code == 0, rendered.stderr
+    assert [row["budget"] for row in json.loads(rendered.stdout)["rows"]] == [16, "auto", 0]

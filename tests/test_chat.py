@@ -256,7 +256,7 @@ def test_a_saved_session_keeps_a_fixed_or_auto_budget(pipeline, tmp_path, budget
     session.command(budget_command)
     path = tmp_path / "s.json"
     save_session(session, path)
-    restored = ChatSession(pipeline, GenerationConfig(max_new_tokens=8, budget=4, auto_budget=not auto))
+    restored = ChatSession(pipeline, GenerationConfig(max_new_tokens=8, budget=4 if auto else None))
     load_session(restored, path)
     assert restored.settings.auto_budget is auto
     assert auto or restored.settings.budget == 3

@@ -111,6 +111,7 @@ BAD_INPUTS = [
     ("draft-batch-zero", ["--draft-batch", "0"], None, None, "draft_batch must be >= 1"),
     ("draft-batch-word", ["--draft-batch", "many"], None, None, "bad value for draft_batch"),
     ("device-unknown", ["--device", "tpu"], None, None, "--device must be one of auto, cpu, cuda"),
+    ("self-draft-kind", ["--draft", "self:int3"], None, None, "a self draft is one of self, self:int8, self:int4"),
     *([("device-cuda-absent", ["--device", "cuda"], None, None, "torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
 ]
 

@@ -30,7 +30,7 @@ def prepare_costs(pipeline: Pipeline, config: RunConfig, progress: Progress, cal
     costs, key = pipeline.engine.costs, calibration_key(pipeline, config)
     costs.provider = lambda max_depth, width: load_calibration(calibration_file(), key) or _measure(pipeline, key, max_depth, width, progress)
     if config.budget is None and calibrate:
-        costs.ensure(pipeline.engine.target, pipeline.engine.draft, config.max_depth, config.generation().draft_batch)
+        costs.ensure(pipeline.engine.target, pipeline.engine.draft, config.max_depth, config.generation().width)
     elif config.draft_batch is None:  # auto width without a saved calibration: width 8
         costs.use(load_calibration(calibration_file(), key))
 
@@ -55,7 +55,7 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
         f"offload={pipeline.offload.mode}:{pipeline.offload.resident_layers}"
         f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "
         f"{f'store={config.store} ' if config.store and pipeline.offload.mode == 'ssd' else ''}"  # another disk, other times
-        f"draft={pipeline.draft_name} {config.draft_quant} batch={config.generation().draft_batch} depth={config.max_depth} "
+        f"draft={pipeline.draft_name} {config.draft_quant} batch={config.generation().width} depth={config.max_depth} "
         f"threads={torch.get_num_threads()} specchat={__version__}"
     )
 
@@ -79,7 +79,7 @@ def calibration_file() -> Path:
 
 def ensure_calibration(pipeline: Pipeline, config: RunConfig, progress: Progress, force: bool = False) -> Calibration:
     """The engine's calibration: the saved one for these settings, else (or with ``force``) measured now and saved."""
-    costs, width = pipeline.engine.costs, config.generation().draft_batch
+    costs, width = pipeline.engine.costs, config.generation().width
     if force:
         costs.use(_measure(pipeline, calibration_key(pipeline, config), config.max_depth, width, progress))
     return costs.ensure(pipeline.engine.target, pipeline.engine.draft, config.max_depth, width)

@@ -163,7 +163,7 @@ class ChatSession:
             return [f"usage: /set {{{'|'.join(SETTABLE)}}} VALUE"], False
         field_name = SETTABLE[name]
         if name == "budget" and value.strip() == "auto":
-            self.settings = replace(self.settings, auto_budget=True)
+            self.settings = replace(self.settings, budget=None)
             return ["budget = auto"], False
         try:
             typed = value.strip() if field_name == "method" else (float(value) if field_name in ("temperature", "top_p") else int(value))
@@ -172,8 +172,7 @@ class ChatSession:
             if typed == "specexec" or typed == "specinfer":
                 if self.pipeline.engine.draft is None:
                     raise ValueError("this session has no draft model")
-            changes = {field_name: typed} | ({"auto_budget": False} if field_name == "budget" else {})
-            self.settings = replace(self.settings, **changes)
+            self.settings = replace(self.settings, **{field_name: typed})
         except ValueError as exc:
             return [f"bad value for {name}: {exc}"], False
         return [f"{name} = {typed}"], False
@@ -253,7 +252,7 @@ def save_session(session: ChatSession, path: Path) -> None:
 def _saved_settings(settings: GenerationConfig) -> dict:
     saved = {name: getattr(settings, f) for name, f in SETTABLE.items()}
     if settings.auto_budget:
-        saved["budget"] = "auto"
+        saved["budget"] = "auto"  # on disk; None in memory
     return saved
 
 
@@ -269,10 +268,7 @@ def _loaded_settings(session: ChatSession, saved: dict) -> GenerationConfig:
     if settings.get("method", "ar") != "ar" and session.pipeline.engine.draft is None:
         del settings["method"]  # saved with a draft; this chat runs without one
     if settings.get("budget") == "auto":
-        del settings["budget"]
-        settings["auto_budget"] = True
-    elif "budget" in settings:
-        settings["auto_budget"] = False
+        settings["budget"] = None
     return replace(session.settings, **settings)
 
 

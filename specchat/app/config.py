@@ -14,8 +14,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from specchat.engine.engine import DEFAULT_DRAFT_BATCH, METHODS, GenerationConfig
+from specchat.engine.engine import METHODS, GenerationConfig
 from specchat.common.errors import ConfigError
+from specchat.model.selfdraft import self_draft_kind
 from specchat.weights.precision import DTYPE_CHOICES
 
 QUANTS = ("auto", "16bit", "4bit")
@@ -43,7 +44,7 @@ def parse_size(text: str) -> int:
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "demo"  # registry name, hub id, directory or .gguf
-    draft: str = "auto"  # registry name, hub id, path, "auto" or "none"
+    draft: str = "auto"  # registry name, hub id, path, "self[:int8|int4]", "auto" or "none"
     quant: str = "auto"  # precision of the target's weights
     draft_quant: str = "int8"  # the draft's weights on a CPU: dynamic int8, or as stored
     device: str = "auto"  # where the draft and the target's layers compute
@@ -68,6 +69,10 @@ class RunConfig:
         _choice("draft_quant", self.draft_quant, DRAFT_QUANTS)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPE_CHOICES)
+        try:
+            self_draft_kind(self.draft)
+        except ValueError as exc:
+            raise ConfigError(f"--draft: {exc}", "use --draft self (int8) or --draft self:int4") from exc
         if self.ram_budget is not None and self.ram_budget <= 0:
             raise ConfigError(f"--ram-budget must be positive, got {self.ram_budget}")
         try:
@@ -79,11 +84,9 @@ class RunConfig:
         """The engine's settings (with ``--budget auto`` the cost model picks each pass's budget)."""
         return GenerationConfig(
             method="ar" if self.draft == "none" else self.method,  # no draft: plain decoding
-            budget=self.budget if self.budget is not None else 64,
-            auto_budget=self.budget is None,
+            budget=self.budget,
             max_depth=self.max_depth,
-            draft_batch=self.draft_batch if self.draft_batch is not None else DEFAULT_DRAFT_BATCH,
-            auto_width=self.draft_batch is None,
+            draft_batch=self.draft_batch,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,

@@ -1,5 +1,6 @@
-"""Which draft grows the trees: the one configured, or (``--draft auto``) the first registered
-draft of the target that is here, shares its tokenizer and fits beside it."""
+"""Which draft grows the trees: the one configured, a low-bit copy of the target itself
+(``--draft self``), or (``--draft auto``) the first registered draft of the target that is here,
+shares its tokenizer and fits beside it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from specchat.app.config import RunConfig
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
 from specchat.model.placement import RAM_HEADROOM, Machine, draft_bytes, room_beside_target
+from specchat.model.selfdraft import self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import ModelEntry
 from specchat.sources.resolve import ModelRef, Progress, materialize, parse_model_spec
@@ -19,14 +21,22 @@ from specchat.sources.resolve import ModelRef, Progress, materialize, parse_mode
 
 @dataclass(frozen=True)
 class DraftChoice:
-    ref: ModelRef | None  # None: no draft, plain decoding
-    facts: ModelFacts | None
+    ref: ModelRef | None  # the draft model; None: no draft, or the target itself
+    facts: ModelFacts | None  # the draft's (for a self draft: the target's)
     reason: str  # one line: what was chosen and why
-    load_bytes: int = 0  # the draft's loading peak (:func:`draft_bytes`)
+    load_bytes: int = 0  # the draft's loading peak (:func:`draft_bytes`, :func:`self_draft_bytes`)
+    self_kind: str | None = None  # a self draft's low-bit kind ("int8", "int4")
 
     @property
     def path(self) -> Path | None:
         return self.facts.path if self.facts else None
+
+    @property
+    def name(self) -> str | None:
+        """How the user names this draft: ``self:int8``, a registry name or a path; None without one."""
+        if self.self_kind:
+            return f"self:{self.self_kind}"
+        return self.ref.display if self.ref else None
 
 
 def int8_draft(config: RunConfig, device: torch.device) -> bool:
@@ -40,6 +50,9 @@ def choose_draft(
     """The draft for ``config``; its tokenizer is checked against the target's before anything loads."""
     if config.method == "ar" or config.draft == "none":
         return DraftChoice(None, None, "no draft: plain autoregressive decoding")
+    kind = self_draft_kind(config.draft)
+    if kind is not None:
+        return _self_draft(target, kind, machine)
     if config.draft != "auto":
         ref = parse_model_spec(config.draft, registry)
         facts = read_facts(materialize(ref, progress))
@@ -47,6 +60,20 @@ def choose_draft(
         reason = f"draft {ref.display}: as configured (--draft, SPECCHAT_DRAFT or the config file); same tokenizer as the target"
         return DraftChoice(ref, facts, reason, draft_bytes(facts, int8_draft(config, machine.device), machine.dtype))
     return _auto_draft(config, target_ref, target, registry, machine, progress)
+
+
+def _self_draft(target: ModelFacts, kind: str, machine: Machine) -> DraftChoice:
+    if machine.device.type != "cpu":
+        raise InputError(
+            f"--draft self runs on the CPU only so far, not on {machine.device.type}",
+            "use --device cpu, or name a registered draft with --draft",
+        )
+    load_bytes = self_draft_bytes(target, kind)
+    reason = (
+        f"draft self:{kind}: the target's own layers in {kind} ({load_bytes / 1e9:.2f} GB), "
+        "sharing its embeddings and head; as configured"
+    )
+    return DraftChoice(None, target, reason, load_bytes, kind)
 
 
 def _auto_draft(

@@ -12,6 +12,7 @@ from specchat.common.paths import cache_dir
 from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, free_memory, place_target, resolve_device
+from specchat.model.selfdraft import build_self_draft
 from specchat.model.target import load_target
 from specchat.sources.facts import read_facts
 from specchat.sources.registry import load_registry
@@ -66,21 +67,23 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     progress(dtype_reason)
     target = load_target(target_facts, plan, machine, choice.load_bytes, config.store or cache_dir() / "stores", progress)
     progress(plan.reason)
-    draft = _load_draft(choice, config, machine, progress)
+    draft = _load_draft(choice, config, machine, target, progress)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
-    pipeline = Pipeline(
-        engine, target, draft, target_ref.display, choice.ref.display if choice.ref else None, choice.reason, plan, device,
-        config, dtype,
-    )
+    pipeline = Pipeline(engine, target, draft, target_ref.display, choice.name, choice.reason, plan, device, config, dtype)
     from specchat.app.calibration import prepare_costs  # (it needs this module's Pipeline)
 
     prepare_costs(pipeline, config, progress, calibrate)
     return pipeline
 
 
-def _load_draft(choice: DraftChoice, config: RunConfig, machine: Machine, progress: Progress) -> LoadedModel | None:
+def _load_draft(
+    choice: DraftChoice, config: RunConfig, machine: Machine, target: LoadedModel, progress: Progress
+) -> LoadedModel | None:
     if choice.facts is None:
         return None
+    if choice.self_kind:
+        lm = build_self_draft(target.lm, choice.facts, choice.self_kind, progress)
+        return LoadedModel(lm, target.tokenizer, target.path)
     progress(f"loading {choice.ref.display}")
     if int8_draft(config, machine.device):
         return load_int8(choice.path, facts=choice.facts)

@@ -23,7 +23,8 @@ from specchat.bench.sweep import Row, RunRecord
 from specchat.common.errors import InputError
 from specchat.engine.events import GenerationStats
 
-Key = tuple[str, int, float]
+Key = tuple[str, int | None, float]  # (method, budget: None for auto, temperature)
+LOGGED_AUTO = -1  # how a log line spells the auto budget
 
 
 @dataclass
@@ -74,7 +75,12 @@ def _key(record: dict | list) -> Key:
     method, budget, temperature = (
         (record["method"], record["budget"], record["temperature"]) if isinstance(record, dict) else record
     )
-    return (str(method), int(budget), float(temperature))
+    return (str(method), None if int(budget) == LOGGED_AUTO else int(budget), float(temperature))
+
+
+def _logged(key: Key) -> list:
+    method, budget, temperature = key
+    return [method, LOGGED_AUTO if budget is None else budget, temperature]
 
 
 def read_log(path: Path) -> BenchLog:
@@ -135,7 +141,7 @@ class LogWriter:
         except OSError as exc:
             raise InputError(f"cannot write bench log {path}: {exc.strerror}", "choose a writable --log path") from exc
         if self.existing is None:
-            self._write({"kind": "setup", "setup": setup, "configurations": [list(c) for c in configurations]})
+            self._write({"kind": "setup", "setup": setup, "configurations": [_logged(c) for c in configurations]})
 
     def _open_existing(self, setup: dict, configurations: list[Key]) -> BenchLog | None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -154,7 +160,8 @@ class LogWriter:
 
     def run(self, record: RunRecord) -> None:
         self._write({
-            "kind": "run", "prompt": record.prompt, "method": record.method, "budget": record.budget,
+            "kind": "run", "prompt": record.prompt, "method": record.method,
+            "budget": LOGGED_AUTO if record.budget is None else record.budget,
             "temperature": record.temperature, "stats": record.stats.to_dict(),
         })
 

@@ -17,7 +17,6 @@ from specchat.engine.engine import EngineError, GenerationConfig
 from specchat.common.errors import InputError
 from specchat.engine.events import DoneEvent, GenerationStats
 
-AUTO = -1  # the "auto" budget in a sweep
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "mt_bench.jsonl"
 
 
@@ -25,7 +24,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "mt_bench.jsonl
 class BenchConfig:
     prompts: tuple[str, ...]
     methods: tuple[str, ...]
-    budgets: tuple[int, ...]
+    budgets: tuple[int | None, ...]  # None: --budget auto
     temperatures: tuple[float, ...]
     top_p: float
     max_new_tokens: int
@@ -39,7 +38,7 @@ class RunRecord:
 
     prompt: int
     method: str
-    budget: int
+    budget: int | None  # None: auto; 0 for AR
     temperature: float
     stats: GenerationStats
 
@@ -47,7 +46,7 @@ class RunRecord:
 @dataclass
 class Row:
     method: str
-    budget: int
+    budget: int | None  # None: auto; 0 for AR
     temperature: float
     runs: list[GenerationStats] = field(default_factory=list)
 
@@ -76,7 +75,7 @@ class Row:
     def to_dict(self) -> dict:
         return {
             "method": self.method,
-            "budget": "auto" if self.budget == AUTO else self.budget,
+            "budget": "auto" if self.budget is None else self.budget,
             "temperature": self.temperature,
             "prompts": len(self.runs),
             "new_tokens": int(self.total("new_tokens")),
@@ -116,7 +115,7 @@ def load_prompts(path: Path | None, n: int) -> tuple[str, ...]:
     return tuple(prompts[:n])
 
 
-def configurations(bench: BenchConfig) -> list[tuple[str, int, float]]:
+def configurations(bench: BenchConfig) -> list[tuple[str, int | None, float]]:
     """(method, budget, temperature) in run order; AR once per temperature."""
     out = []
     for temperature in bench.temperatures:
@@ -144,11 +143,9 @@ def run_bench(
             engine.reset()
             config = GenerationConfig(
                 method=method,
-                budget=base.budget if budget == AUTO else max(budget, 1),
-                auto_budget=budget == AUTO,
+                budget=None if budget is None else max(budget, 1),
                 max_depth=base.max_depth,
                 draft_batch=base.draft_batch,
-                auto_width=base.auto_width,
                 temperature=temperature,
                 top_p=bench.top_p if temperature > 0 else 1.0,
                 seed=bench.seed + index,
@@ -172,7 +169,7 @@ def physical_limit(row: Row, stream_bytes_per_s: float | None) -> float | None:
     return row.tokens_per_pass * stream_bytes_per_s / per_pass
 
 
-def ratios_to_ar(rows: list[Row]) -> dict[tuple[str, int, float], float]:
+def ratios_to_ar(rows: list[Row]) -> dict[tuple[str, int | None, float], float]:
     ar = {row.temperature: row.tokens_per_s for row in rows if row.method == "ar"}
     return {
         (row.method, row.budget, row.temperature): row.tokens_per_s / ar[row.temperature]

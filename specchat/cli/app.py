@@ -176,11 +176,10 @@ def setup(
         setup_command(model, settings, yes)
 
 
-def _budget(text: str) -> int:
-    from specchat.bench.sweep import AUTO
-
+def _budget(text: str) -> int | None:
+    """One --budgets entry: a tree size, or None for auto."""
     if text.strip() == "auto":
-        return AUTO
+        return None
     value = int(text)
     if value < 1:
         raise ValueError(f"a budget must be >= 1 or auto, got {value}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from specchat.bench.sweep import AUTO, BenchConfig, Row, configurations, load_prompts, run_bench
+from specchat.bench.sweep import BenchConfig, Row, configurations, load_prompts, run_bench
 from specchat.bench.log import LogWriter, read_log, stream_rate
 from specchat import METHODS, ConfigError, GenerationConfig, InputError, RunConfig, load, resolve_device
 from specchat.cli.run import stderr_progress
@@ -30,7 +30,7 @@ def run_bench_command(
     prompts_file: Path | None,
     n: int,
     methods: tuple[str, ...],
-    budgets: tuple[int, ...],
+    budgets: tuple[int | None, ...],
     temperatures: tuple[float, ...],
     top_p: float,
     max_new_tokens: int,
@@ -55,7 +55,7 @@ def run_bench_command(
     # ensured here, once -- so every run of a sweep has the same costs, saved or measured.
     loaded = replace(settings, method="specexec") if needs_draft else _without_draft(settings)
     pipeline = load(loaded, stderr_progress, calibrate=False)
-    if (calibrate or AUTO in budgets or settings.draft_batch is None) and pipeline.draft is not None:
+    if (calibrate or None in budgets or settings.draft_batch is None) and pipeline.draft is not None:
         ensure_calibration(pipeline, settings, stderr_progress, force=calibrate)
     bandwidths = [_stream_bandwidth(pipeline, log)]
     rows, reads = _run_measured(pipeline, bench, settings, log, skip, keys, output)
@@ -79,7 +79,7 @@ def _validate(settings: RunConfig, methods, budgets, temperatures, n: int, top_p
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--methods: unknown method {method!r}", f"use {', '.join(METHODS)}")
-    if n < 1 or not budgets or any(b < 1 and b != AUTO for b in budgets) or not all(t >= 0 for t in temperatures):
+    if n < 1 or not budgets or any(b is not None and b < 1 for b in budgets) or not all(t >= 0 for t in temperatures):
         raise ConfigError("--n and --budgets must be >= 1 and --temperatures >= 0")
     needs_draft = any(m != "ar" for m in methods)
     if needs_draft and settings.draft == "none":

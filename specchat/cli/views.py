@@ -9,7 +9,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from specchat.bench.sweep import AUTO, Row, physical_limit, ratios_to_ar
+from specchat.bench.sweep import Row, physical_limit, ratios_to_ar
 
 
 def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None, stream_measured: str | None = None) -> None:
@@ -22,7 +22,7 @@ def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None =
         ratio = ratios.get((row.method, row.budget, row.temperature))
         table.add_row(
             row.method,
-            ("auto" if row.budget == AUTO else str(row.budget)) if row.method != "ar" else "-",
+            ("auto" if row.budget is None else str(row.budget)) if row.method != "ar" else "-",
             f"{row.temperature:g}",
             str(len(row.runs)),
             f"{row.tree_nodes_per_pass:.0f}" if row.tree_nodes_per_pass is not None else "-",
@@ -87,12 +87,12 @@ def bench_plot(rows: list[Row], path: Path, title: str = "") -> None:
     for index, ((method, temperature), group) in enumerate(series.items()):
         colour = f"C{index}"
         label = f"{method} t={temperature:g}"
-        fixed = sorted((r for r in group if r.budget > 0 and method != "ar"), key=lambda r: r.budget)
+        fixed = sorted((r for r in group if r.budget is not None and method != "ar"), key=lambda r: r.budget)
         for axis, value in ((per_pass, lambda r: r.tokens_per_pass), (per_s, lambda r: r.tokens_per_s)):
             if fixed:
                 axis.plot([r.budget for r in fixed], [value(r) for r in fixed], "o-", color=colour, label=label)
             for r in group:
-                if method == "ar" or r.budget == AUTO:
+                if method == "ar" or r.budget is None:
                     style = ":" if method == "ar" else "--"
                     name = label if method == "ar" else f"{label} auto"
                     axis.axhline(value(r), linestyle=style, color=colour, label=name)

@@ -48,25 +48,37 @@ class EngineError(ValueError):
 @dataclass(frozen=True)
 class GenerationConfig:
     method: str = "specexec"
-    budget: int = 64  # tree nodes per target pass (SpecExec K), root excluded
+    budget: int | None = 64  # tree nodes per target pass (SpecExec K), root excluded; None = auto (per pass, cost model)
     max_depth: int = 32
-    draft_batch: int = DEFAULT_DRAFT_BATCH  # nodes expanded per draft forward
-    auto_width: bool = False  # SpecExec: each draft step picks its width from the calibrated step costs
+    draft_batch: int | None = DEFAULT_DRAFT_BATCH  # nodes per draft forward; None = auto (per step, calibrated costs)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     adaptive: bool = True  # SpecExec: stop growing when a draft step costs more than it adds
-    auto_budget: bool = False  # choose the budget per pass from the cost model (``budget`` is then ignored)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("budget", "max_depth", "draft_batch", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1 or value is None and name in ("max_depth", "max_new_tokens"):
+                raise ValueError(f"{name} must be >= 1, got {value}")
         SamplingParams(self.temperature, self.top_p)  # validates both
+
+    @property
+    def auto_budget(self) -> bool:
+        return self.budget is None
+
+    @property
+    def auto_width(self) -> bool:
+        return self.draft_batch is None
+
+    @property
+    def width(self) -> int:
+        """The draft width a step starts from (auto width rescales it per step)."""
+        return self.draft_batch if self.draft_batch is not None else DEFAULT_DRAFT_BATCH
 
     @property
     def sampling(self) -> SamplingParams:
@@ -74,7 +86,10 @@ class GenerationConfig:
 
     @property
     def growth(self) -> GrowthParams:
-        return GrowthParams(self.budget, self.max_depth, self.draft_batch)
+        """The tree's shape for one pass (an auto budget is resolved per pass before growing)."""
+        if self.budget is None:
+            raise ValueError("an auto budget has no fixed tree size; resolve it per pass")
+        return GrowthParams(self.budget, self.max_depth, self.width)
 
 
 @dataclass
@@ -128,7 +143,7 @@ class Engine:
             max_new = min(config.max_new_tokens, self.target.max_context - len(self.tokens) - config.max_depth - 1)
             stream = TextStream(self.tokenizer, config.stop)
             request = _Request([], speculator_for(config.method, self.speculators) if config.method != "ar" else None)
-            pass_config = config
+            pass_config = config  # with --budget auto, each pass's own budget
             while len(request.new_ids) < max_new:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
                 event, done = self._decode_step(pass_config, generator, tuner, stream, request, max_new)
@@ -138,7 +153,7 @@ class Engine:
             wall = self.clock() - start_time
             stats = GenerationStats(
                 method=config.method,
-                budget=(pass_config.budget if request.passes else config.budget) if config.method != "ar" else 0,
+                budget=(pass_config.budget or (tuner.current if tuner else 0)) if config.method != "ar" else 0,
                 prefill_tokens=prefill_tokens,
                 new_tokens=len(request.new_ids),
                 target_passes=request.passes,
@@ -159,7 +174,7 @@ class Engine:
 
     def tuner_for(self, config: GenerationConfig) -> CostModelTuner:
         """The ``--budget auto`` tuner of this method and sampling mode (calibrating first if nobody has)."""
-        self.costs.ensure(self.target, self.draft, config.max_depth, config.draft_batch)
+        self.costs.ensure(self.target, self.draft, config.max_depth, config.width)
         return self.costs.tuner(config.method, config.temperature, config.top_p, config.max_depth)
 
     def reset(self) -> None:
@@ -206,7 +221,7 @@ class Engine:
         grown = speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
         tree, self.last_draft_forwards = grown.tree, grown.draft_forwards
         draft_s = self.clock() - started
-        self.costs.observe_draft(config.draft_batch, draft_s, grown.draft_forwards, grown.predicted_s, speculator.times_draft_steps)
+        self.costs.observe_draft(config.width, draft_s, grown.draft_forwards, grown.predicted_s, speculator.times_draft_steps)
 
         started = self.clock()
         prefix = self.target_cache.length  # = len(tokens) - 1

@@ -14,6 +14,7 @@ anywhere: resident modules or a streamer that pages them in from RAM or SSD.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Iterable, Iterator
@@ -124,7 +125,15 @@ class LayeredLM:
         self.vocab_size = hf_model.lm_head.out_features
         self.max_context = int(getattr(config, "max_position_embeddings", 4096))
         self.dtype = self.norm.weight.dtype  # the compute dtype (the embedding table may be 16-bit)
+        self.layer_dtype = self.dtype  # the hidden states' dtype inside the decoder layers
         self.device = self.embed_tokens.weight.device
+
+    def with_layers(self, layer_source: LayerSource, layer_dtype: torch.dtype) -> LayeredLM:
+        """Another model over the same embeddings, rotary table, final norm and head (shared, not
+        copied) with other decoder layers, whose hidden states are in ``layer_dtype``."""
+        other = copy.copy(self)
+        other.layer_source, other.layer_dtype = layer_source, layer_dtype
+        return other
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)
@@ -148,7 +157,7 @@ class LayeredLM:
             raise ValueError(f"visibility {tuple(visible.shape)} != ({n_new}, {cache.length + n_new})")
         ids = input_ids.to(self.device)[None]  # (1, T)
         pos = positions.to(self.device)[None]  # (1, T)
-        hidden = self.embed_tokens(ids)  # (1, T, hidden)
+        hidden = self.embed_tokens(ids).to(self.layer_dtype)  # (1, T, hidden)
         cos_sin = self.rotary_emb(hidden, pos)  # 2 x (1, T, head_dim)
         # Additive mask (1, 1, T, S): 0 where visible, the dtype's minimum elsewhere.
         mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=self.device)
@@ -164,7 +173,7 @@ class LayeredLM:
                 **{_cache_keyword(type(layer)): cache},
             )
             hidden = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
-        hidden = hidden[0]  # (T, hidden)
+        hidden = hidden[0].to(self.dtype)  # (T, hidden)
         if logit_rows is not None:
             hidden = hidden.index_select(0, logit_rows.to(self.device))
         hidden = self.norm(hidden)

@@ -1,0 +1,119 @@
+"""The draft made from the target itself: shared tensors, low-bit layers, exact speculation."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from specchat.cli.app import app
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.model.loading import load_resident
+from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
+from specchat.sources.facts import read_facts
+from specchat.weights.lowbit import Int4Linear, int4_group, lowbit_bytes, quantize_layer
+from tiny import CharTokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_dirs):
+    return load_resident(tiny_dirs["target"]), read_facts(tiny_dirs["target"])
+
+
+@pytest.mark.parametrize("spec, kind", [("self", "int8"), ("self:int8", "int8"), ("self:int4", "int4"), ("demo-0.5b", None), ("selfish", None)])
+def test_self_draft_specs(spec, kind):
+    assert self_draft_kind(spec) == kind
+
+
+@pytest.mark.parametrize("spec", ["self:int3", "self:", "self:INT8"])
+def test_a_self_draft_of_an_unknown_kind_is_refused(spec):
+    if spec == "self:":  # an empty kind is the default one
+        assert self_draft_kind(spec) == "int8"
+        return
+    with pytest.raises(ValueError, match="a self draft is one of self, self:int8, self:int4"):
+        self_draft_kind(spec)
+
+
+def test_int4_linear_is_the_group_wise_rounding_of_the_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48)
+    q = Int4Linear(linear)
+    w = linear.weight.detach().reshape(48, 2, 64)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    dequantised = (low + torch.round((w - low) / scale) * scale).reshape(48, 128)  # what the kernel multiplies by
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(q(x), x @ dequantised.t() + linear.bias.detach(), rtol=1e-4, atol=1e-4)
+    assert q(x[None]).shape == (1, 5, 48)  # batch dims are kept
+
+
+@pytest.mark.parametrize("width, group", [(64, 64), (128, 64), (96, 32), (32, 32)])
+def test_int4_groups_divide_the_input_width(width, group):
+    assert int4_group(width) == group
+
+
+def test_int4_refuses_a_width_it_cannot_group():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4_group(40)
+
+
+def test_an_unknown_low_bit_kind_is_refused():
+    with pytest.raises(ValueError, match="low-bit kind must be one of int8, int4"):
+        quantize_layer(nn.Sequential(nn.Linear(32, 32)), "int2")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_self_draft_shares_the_targets_embeddings_and_head_and_holds_low_bit_layers(tiny_target, kind):
+    target, facts = tiny_target
+    draft = build_self_draft(target.lm, facts, kind)
+    assert draft.embed_tokens is target.lm.embed_tokens and draft.lm_head is target.lm.lm_head and draft.norm is target.lm.norm
+    layers = list(draft.layer_source.layers())
+    assert len(layers) == facts.num_layers
+    assert not any(type(m) is nn.Linear for layer in layers for m in layer.modules())  # every product is low-bit
+    held = sum(lowbit_bytes(layer) for layer in layers)
+    assert held < facts.layer_bytes(torch.float32) * facts.num_layers / 2  # a quarter or an eighth, plus scales
+    assert self_draft_bytes(facts, kind) <= held * 1.5  # the pre-flight's estimate is of the right size
+    assert draft.new_cache() is not target.lm.new_cache()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_self_draft_agrees_with_the_target(tiny_target, kind):
+    """A rounded copy of the target picks the target's greedy token almost everywhere."""
+    target, facts = tiny_target
+    draft = build_self_draft(target.lm, facts, kind)
+    ids = torch.arange(1, 60)
+    visible = torch.ones(59, 59, dtype=torch.bool).tril()
+    ours = target.lm.forward(ids, torch.arange(59), visible, target.lm.new_cache()).argmax(-1)
+    theirs = draft.forward(ids, torch.arange(59), visible, draft.new_cache()).argmax(-1)
+    assert (ours == theirs).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_speculation_with_the_self_draft_is_exact_and_accepts_as_the_target_itself_would(tiny_target, tiny_dirs, kind, method):
+    """Greedy output == plain decoding; tokens per pass close to the target drafting for itself
+    (every draft token accepted) and above an unrelated draft's."""
+    target, facts = tiny_target
+    prompt, config = [3, 9, 27, 14], GenerationConfig(method=method, budget=16, max_new_tokens=48)
+    plain = list(Engine(target.lm, None, CharTokenizer(), []).generate(prompt, GenerationConfig(method="ar", max_new_tokens=48)))
+    per_pass = {}
+    for name, draft in [
+        ("self", build_self_draft(target.lm, facts, kind)), ("target", target.lm), ("other", load_resident(tiny_dirs["draft"]).lm)
+    ]:
+        done = list(Engine(target.lm, draft, CharTokenizer(), []).generate(prompt, config))[-1]
+        assert done.token_ids == plain[-1].token_ids
+        per_pass[name] = done.stats.tokens_per_pass
+    assert per_pass["self"] >= 0.9 * per_pass["target"] and per_pass["self"] > per_pass["other"], per_pass
+
+
+def test_run_with_the_self_draft_prints_the_greedy_reply(tiny_dirs):
+    args = ["run", "--model", str(tiny_dirs["target"]), "--max-new-tokens", "16", "--budget", "8", "--json"]
+    plain = runner.invoke(app, [*args, "--draft", "none", "a calm tide"])
+    ours = runner.invoke(app, [*args, "--draft", "self:int4", "a calm tide"])
+    assert plain.exit_code == 0 and ours.exit_code == 0, ours.stderr
+    assert json.loads(ours.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert "draft self:int4: the target's own layers in int4" in ours.stderr
+    assert "building the self draft (int4): 2/2 layers" in ours.stderr
