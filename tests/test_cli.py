@@ -67,8 +67,10 @@ def test_json_output_schema(tiny_dirs):
     assert payload["text"] == text and payload["tokens"] == tokens
     assert set(payload["stats"]) == {
         "method", "budget", "new_tokens", "target_passes", "tokens_per_pass", "tokens_per_s",
-        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes", "finish_reason",
+        "wall_s", "prefill_s", "draft_s", "target_s", "disk_read_bytes", "finish_reason", "draft",
     }
+    assert payload["stats"]["draft"]["name"] == str(tiny_dirs["draft"]) and payload["stats"]["draft"]["bits"] == 8
+    assert payload["stats"]["draft"]["bytes"] > 0
     assert payload["stats"]["method"] == "specexec" and payload["stats"]["budget"] == 8
     assert payload["stats"]["finish_reason"] in ("eos", "length") and (payload["stats"]["finish_reason"] == "length") == (len(tokens) == 10)
     assert payload["stats"]["new_tokens"] == len(tokens)

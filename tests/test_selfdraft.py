@@ -12,7 +12,7 @@ from specchat.engine.engine import Engine, GenerationConfig
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
-from specchat.weights.lowbit import Int4Linear, int4_group, lowbit_bytes, quantize_layer
+from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer
 from tiny import CharTokenizer
 
 runner = CliRunner()
@@ -115,5 +115,39 @@ def test_run_with_the_self_draft_prints_the_greedy_reply(tiny_dirs):
     ours = runner.invoke(app, [*args, "--draft", "self:int4", "a calm tide"])
     assert plain.exit_code == 0 and ours.exit_code == 0, ours.stderr
     assert json.loads(ours.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert json.loads(ours.stdout)["stats"]["draft"] == {"name": "self:int4", "bits": 4, "bytes": self_draft_bytes(read_facts(tiny_dirs["target"]), "int4")}
+    assert json.loads(plain.stdout)["stats"]["draft"] is None
     assert "draft self:int4: the target's own layers in int4" in ours.stderr
     assert "building the self draft (int4): 2/2 layers" in ours.stderr
+
+
+def test_int8_linear_is_the_row_wise_rounding_of_the_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    q = Int8Linear(linear)
+    w = linear.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(q(x), x @ (torch.round(w / scale) * scale).t() + linear.bias.detach(), rtol=1e-4, atol=1e-4)
+    assert q(x.bfloat16()).dtype == torch.bfloat16  # the activations keep their dtype
+
+
+def test_draft_auto_for_a_target_with_no_registered_draft_uses_the_self_draft(tiny_dirs):
+    args = ["run", "--model", str(tiny_dirs["target"]), "--max-new-tokens", "12", "--budget", "8", "--json", "the sea"]
+    ours = runner.invoke(app, args)
+    plain = runner.invoke(app, [*args, "--draft", "none"])
+    assert ours.exit_code == 0, ours.stderr
+    assert json.loads(ours.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert f"draft self:int8: no registered draft pairs with {tiny_dirs['target']}, so its own layers in int8" in ours.stderr
+
+
+
+def test_draft_auto_for_an_unpaired_target_without_room_for_a_self_draft_says_so(tiny_dirs, monkeypatch):
+    import specchat.app.drafts
+
+    monkeypatch.setattr(specchat.app.drafts, "room_beside_target", lambda *args: 1000)
+    result = runner.invoke(app, ["run", "--model", str(tiny_dirs["target"]), "--max-new-tokens", "5", "the sea"])
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no registered draft pairs with {tiny_dirs['target']}, and a self draft needs 0.0 GB")
+    assert "--draft none" in last

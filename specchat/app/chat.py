@@ -201,7 +201,10 @@ class ChatSession:
             "resident" if plan.mode == "none"
             else f"offload {plan.mode}, {plan.resident_layers} of {pipeline.engine.target.num_layers} layers kept"
         )
-        draft = f"draft {pipeline.draft_name}" if pipeline.draft_name else "no draft"
+        draft = (
+            f"draft {pipeline.draft_name} ({pipeline.draft_bits}-bit, {pipeline.draft_bytes / 1e9:.2f} GB)"
+            if pipeline.draft_name else "no draft"
+        )
         return f"models: {pipeline.target_name} ({str(pipeline.compute_dtype).removeprefix('torch.')}, {placement}), {draft}"
 
     def _needs_calibration(self) -> bool:

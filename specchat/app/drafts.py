@@ -4,7 +4,7 @@ shares its tokenizer and fits beside it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from specchat.app.config import RunConfig
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
 from specchat.model.placement import RAM_HEADROOM, Machine, draft_bytes, room_beside_target
-from specchat.model.selfdraft import self_draft_bytes, self_draft_kind
+from specchat.model.selfdraft import DEFAULT_SELF_KIND, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import ModelEntry
 from specchat.sources.resolve import ModelRef, Progress, materialize, parse_model_spec
@@ -62,6 +62,25 @@ def choose_draft(
     return _auto_draft(config, target_ref, target, registry, machine, progress)
 
 
+def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: Machine, room: int) -> DraftChoice:
+    """``--draft auto`` for a target models.toml pairs with no draft: its own layers in int8, where they fit."""
+    needed = int(self_draft_bytes(target, DEFAULT_SELF_KIND) * RAM_HEADROOM)
+    if machine.device.type != "cpu" or needed > room:
+        why = "a self draft runs on the CPU only so far" if machine.device.type != "cpu" else (
+            f"a self draft needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB are left beside the target"
+        )
+        raise InputError(
+            f"no registered draft pairs with {target_ref.display}, and {why}",
+            "name one with --draft, or use --draft none for plain decoding",
+        )
+    choice = _self_draft(target, DEFAULT_SELF_KIND, machine)
+    reason = (
+        f"draft self:{DEFAULT_SELF_KIND}: no registered draft pairs with {target_ref.display}, so its own layers "
+        f"in {DEFAULT_SELF_KIND} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB), sharing its embeddings and head"
+    )
+    return replace(choice, reason=reason)
+
+
 def _self_draft(target: ModelFacts, kind: str, machine: Machine) -> DraftChoice:
     if machine.device.type != "cpu":
         raise InputError(
@@ -86,13 +105,10 @@ def _auto_draft(
     set aside (:func:`room_beside_target`).
     """
     candidates = list(target_ref.entry.drafts) if target_ref.entry else []
-    if not candidates:
-        raise InputError(
-            f"no registered draft pairs with {target_ref.display}",
-            "name one with --draft, or use --draft none for plain decoding",
-        )
-    target_tokenizer = load_tokenizer(target.path)
     room = room_beside_target(target, config.offload, config.ram_budget, machine.dtype, machine.device, machine.memory)
+    if not candidates:
+        return _self_draft_for_unpaired(target_ref, target, machine, room)
+    target_tokenizer = load_tokenizer(target.path)
     skipped = []
     for name in candidates:
         ref = parse_model_spec(name, registry)

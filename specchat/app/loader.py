@@ -13,6 +13,7 @@ from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, free_memory, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft
+from specchat.weights.lowbit import LOWBIT_BITS
 from specchat.model.target import load_target
 from specchat.sources.facts import read_facts
 from specchat.sources.registry import load_registry
@@ -32,6 +33,15 @@ class Pipeline:
     device: torch.device = torch.device("cpu")
     config: RunConfig | None = None  # what it was loaded with (the calibration's key)
     compute_dtype: torch.dtype = torch.float32  # the target's (and a 16-bit draft's)
+    draft_bits: int | None = None  # bits per weight of the draft's decoder layers
+    draft_bytes: int = 0  # RAM the draft takes beside the target (pre-flighted)
+
+    @property
+    def draft_summary(self) -> dict | None:
+        """The draft as the stats name it: name, bits per weight, bytes; None without one."""
+        if self.draft_name is None:
+            return None
+        return {"name": self.draft_name, "bits": self.draft_bits, "bytes": self.draft_bytes}
 
     @property
     def tokenizer(self):
@@ -69,11 +79,22 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     progress(plan.reason)
     draft = _load_draft(choice, config, machine, target, progress)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
-    pipeline = Pipeline(engine, target, draft, target_ref.display, choice.name, choice.reason, plan, device, config, dtype)
+    pipeline = Pipeline(
+        engine, target, draft, target_ref.display, choice.name, choice.reason, plan, device, config, dtype,
+        _draft_bits(choice, config, machine), choice.load_bytes,
+    )
     from specchat.app.calibration import prepare_costs  # (it needs this module's Pipeline)
 
     prepare_costs(pipeline, config, progress, calibrate)
     return pipeline
+
+
+def _draft_bits(choice: DraftChoice, config: RunConfig, machine: Machine) -> int | None:
+    if choice.facts is None:
+        return None
+    if choice.self_kind:
+        return LOWBIT_BITS[choice.self_kind]
+    return 8 if int8_draft(config, machine.device) else machine.dtype.itemsize * 8
 
 
 def _load_draft(

@@ -66,7 +66,8 @@ def run_oneshot(
             out.flush()
         raise
     if as_json:
-        payload = {"text": done.text, "tokens": list(done.token_ids), "stats": _json_stats(done.stats)}
+        stats = _json_stats(done.stats) | {"draft": pipeline.draft_summary}
+        payload = {"text": done.text, "tokens": list(done.token_ids), "stats": stats}
         out.write(json.dumps(payload) + "\n")
     else:
         out.write("\n")

@@ -23,8 +23,8 @@ from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer
 
 SELF = "self"
 DEFAULT_SELF_KIND = "int8"
-# Bytes per decoder weight: int8 = 1 + a float32 scale per output row (~0); int4 = 1/2 + two
-# 16/32-bit numbers per 64 weights (<= 1/8).
+# Bytes per decoder weight: int8 = 1 + one scale per output row (~0); int4 = 1/2 + two 16- or
+# 32-bit numbers per 64 weights (<= 1/8).
 _BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.625}
 
 
@@ -50,7 +50,7 @@ def build_self_draft(
     """``target``'s embeddings and head over a ``kind`` copy of its decoder layers, on the CPU."""
     make_layer = _layer_maker(facts)
     tensors = _checkpoint_tensors(facts.path)
-    dtype = layer_dtype(kind, target.dtype)
+    dtype = layer_dtype(target.dtype)
     layers = []
     for index in range(facts.num_layers):
         layer = make_layer(index, tensors).to(dtype)
