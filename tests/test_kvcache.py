@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specchat.model.kvcache import KVCache
+from specchat.model.kvcache import KVCache, SharedPrefixCache
 
 
 def _fill(cache: KVCache, values: list[float], layers: int = 2) -> None:
@@ -88,3 +88,49 @@ def test_the_cache_goes_to_each_decoder_layer_under_the_name_its_forward_takes()
         def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs): ...
 
     assert _cache_keyword(Older) == "past_key_values" and _cache_keyword(Newer) == "cache"
+
+
+def _seen(cache, values: list[float], layers: int = 2) -> list[list[float]]:
+    """What each layer attends over after appending ``values`` (keys)."""
+    t = torch.tensor(values, dtype=torch.float64).view(1, 1, -1, 1)
+    return [cache.update(t, -t, layer)[0][0, 0, :, 0].tolist() for layer in range(layers)]
+
+
+def test_a_shared_prefix_cache_attends_to_the_targets_prefix_then_its_own_tail():
+    base = KVCache(num_layers=2)
+    _fill(base, [1, 2, 3])
+    view = SharedPrefixCache(base)
+    assert view.length == 3  # it follows the target's cache: nothing to prefill
+    assert _seen(view, [30, 31]) == [[1, 2, 3, 30, 31]] * 2
+    assert view.length == 5 and base.length == 3  # the target's cache is never written
+    _fill(base, [4, 5, 6, 7])  # the target verifies a 4-node tree
+    assert view.length == 5  # the tail stays behind the prefix it was grown on
+    base.keep(3, torch.tensor([3, 5]))  # the target keeps its accepted path
+    view.keep(3, torch.tensor([3]))
+    assert view.length == 5 and view.tail.length == 0  # ... and the draft attends to those, not its own
+    assert _seen(view, [40]) == [[1, 2, 3, 4, 6, 40]] * 2
+
+
+def test_a_shared_prefix_cache_crops_its_tail_and_follows_the_target_back():
+    base = KVCache(num_layers=2)
+    _fill(base, [1, 2, 3, 4])
+    view = SharedPrefixCache(base)
+    _seen(view, [30, 31, 32])
+    view.crop(5)
+    assert view.length == 5 and view.tail.length == 1
+    base.crop(2)
+    view.crop(2)  # the engine crops the target's cache first, to the same limit
+    assert view.length == 2 and _seen(view, [50]) == [[1, 2, 50]] * 2
+    view.tail.crop(0)
+    with pytest.raises(ValueError, match="crop the target's cache to 1 first"):
+        view.crop(1)
+    with pytest.raises(ValueError, match="cannot crop a cache of 2 positions to 3"):
+        view.crop(3)
+
+
+def test_a_shared_prefix_cache_over_an_empty_target_cache_is_the_tail_alone():
+    base = KVCache(num_layers=1)
+    view = SharedPrefixCache(base)
+    assert _seen(view, [7, 8], layers=1) == [[7, 8]]
+    view.reset()
+    assert view.length == 0

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from specchat.cli.app import app
 from specchat.engine.engine import Engine, GenerationConfig
+from specchat.model.kvcache import KVCache, SharedPrefixCache
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
@@ -151,3 +152,32 @@ def test_draft_auto_for_an_unpaired_target_without_room_for_a_self_draft_says_so
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no registered draft pairs with {tiny_dirs['target']}, and a self draft needs 0.0 GB")
     assert "--draft none" in last
+
+
+@pytest.mark.parametrize("method", ["specexec", "specinfer"])
+def test_the_self_draft_reads_the_targets_cache_and_never_prefills(tiny_target, method):
+    """With the shared cache the draft's forwards are the tree's (the root and its nodes), never
+    the prompt; the reply stays the plain greedy one, and a second turn reuses both caches."""
+    target, facts = tiny_target
+    draft = build_self_draft(target.lm, facts, "int8")
+    sizes = []
+    forward = draft.forward
+
+    def spy(input_ids, positions, visible, cache, logit_rows=None):
+        sizes.append(input_ids.shape[0])
+        assert isinstance(cache, SharedPrefixCache)
+        return forward(input_ids, positions, visible, cache, logit_rows)
+
+    draft.forward = spy
+    prompt = list(range(3, 43))  # 40 tokens
+    config = GenerationConfig(method=method, budget=8, max_new_tokens=24)
+    plain_engine = Engine(target.lm, None, CharTokenizer(), [])
+    engine = Engine(target.lm, draft, CharTokenizer(), [])
+    for turn in range(2):
+        plain = list(plain_engine.generate(prompt, GenerationConfig(method="ar", max_new_tokens=24)))[-1]
+        done = list(engine.generate(prompt, config))[-1]
+        assert done.token_ids == plain.token_ids
+        assert max(sizes) <= 8 and engine.draft_cache.base is engine.target_cache
+        prompt = prompt + list(done.token_ids) + [5, 6, 7]
+    unshared = build_self_draft(target.lm, facts, "int8", shares_cache=False)
+    assert isinstance(Engine(target.lm, unshared, CharTokenizer(), []).draft_cache, KVCache)

@@ -31,9 +31,12 @@ from specchat.engine.autobudget.costs import PassCosts
 from specchat.engine.events import DoneEvent, Event, GenerationStats, TextEvent
 from specchat.engine.textstream import TextStream
 from specchat.model.lm import LanguageModel, causal_visibility
+from specchat.model.kvcache import SharedPrefixCache
+from specchat.speculation.agreement import GreedyAgreement
 from specchat.speculation.growth import GrowthParams
 from specchat.speculation.sampling import SamplingParams, probabilities, sample
 from specchat.speculation.speculator import SPECULATORS, Speculator, speculator_for
+from specchat.speculation.tree import Tree
 from specchat.speculation.verify import target_tree_logits
 
 METHODS = (*SPECULATORS, "ar")
@@ -115,6 +118,7 @@ class Engine:
         costs: PassCosts | None = None,
         clock: Callable[[], float] = time.perf_counter,
         speculators: Mapping[str, Speculator] = SPECULATORS,
+        greedy_agreement: bool = True,
     ) -> None:
         self.target = target
         self.draft = draft
@@ -123,8 +127,10 @@ class Engine:
         self.costs = costs if costs is not None else PassCosts()
         self.clock = clock  # seconds; every duration the engine reports or weighs is read from it
         self.speculators = speculators  # method name -> how it grows and walks a tree
+        # greedy SpecExec trees are scored by how often the target took the draft's favourite
+        self.agreement = GreedyAgreement() if greedy_agreement else None
         self.target_cache = target.new_cache()
-        self.draft_cache = draft.new_cache() if draft is not None else None
+        self.draft_cache = self._new_draft_cache(draft)
         self.tokens: list[int] = []  # the conversation both caches describe
         self.last_draft_forwards = 0  # draft forwards spent growing the last tree
 
@@ -181,6 +187,15 @@ class Engine:
         self.tokens = []
         self._repair()
 
+    def _new_draft_cache(self, draft: LanguageModel | None):
+        """The draft's own cache; for a draft that can attend to the target's keys and values (one
+        made from the target), a view whose committed prefix is the target's cache."""
+        if draft is None:
+            return None
+        if getattr(draft, "kv_source", None) is self.target:
+            return SharedPrefixCache(self.target_cache)
+        return draft.new_cache()
+
     # -- one target pass -------------------------------------------------------------
     def _decode_step(
         self, config: GenerationConfig, generator: torch.Generator, tuner: CostModelTuner | None,
@@ -218,6 +233,7 @@ class Engine:
         started = self.clock()
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
         growth = self.costs.growth(config.growth, config.auto_width) if config.adaptive else config.growth
+        growth = replace(growth, agreement=self.agreement if sampling.greedy else None)
         grown = speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
         tree, self.last_draft_forwards = grown.tree, grown.draft_forwards
         draft_s = self.clock() - started
@@ -235,7 +251,16 @@ class Engine:
         target_s = self.clock() - started
         self.costs.observe_target(config.budget, target_s)
         new = tree.tokens[torch.tensor(accepted, dtype=torch.long)].tolist() + [drawn]
+        if growth.agreement is not None:
+            self._observe_agreement(tree, path, new)
         return new, tree.size - 1, draft_s, target_s
+
+    def _observe_agreement(self, tree: Tree, path: list[int], chosen: list[int]) -> None:
+        """After each node of the accepted path the target chose ``chosen[i]``: was it the draft's favourite?"""
+        for node, token in zip(path, chosen):
+            favourite = int(tree.favourites[node])
+            if favourite >= 0:
+                self.agreement.observe(float(tree.favourite_probs[node]), favourite == token)
 
     def _plain_pass(self, sampling: SamplingParams, generator: torch.Generator) -> tuple[list[int], int, float, float]:
         """Autoregressive decoding: one target forward over the root, one token."""

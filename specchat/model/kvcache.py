@@ -99,3 +99,73 @@ class KVCache:
             new_keys[:, :, :length] = keys[:, :, :length]
             new_values[:, :, :length] = self._values[layer][:, :, :length]
         self._keys[layer], self._values[layer] = new_keys, new_values
+
+
+class SharedPrefixCache:
+    """A draft's cache whose committed prefix *is* the target's cache.
+
+    For a draft made from the target itself (same architecture, same positions), the target's
+    keys and values for the conversation are exact where the draft's own would be rounded, and
+    reusing them means the draft never prefills.  Only the draft's own forwards -- the root and
+    the tree's nodes -- go into ``tail``:
+
+        slots [0, start)            the target's cache (read, never written)
+        slots [start, start + n)    the draft's tail
+
+    While the tail is empty the view follows the target's cache (``start`` = its length), so
+    once the engine has pruned the target's cache to the accepted path, :meth:`keep` only has
+    to empty the tail.  The engine crops the target's cache before this one (both to the same
+    limit), so a crop never asks for less than the target holds.
+    """
+
+    def __init__(self, base: KVCache) -> None:
+        self.base = base
+        self.num_layers = base.num_layers
+        self.tail = KVCache(base.num_layers)
+        self._start = 0  # the target's length when the tail's first entry was written
+
+    def _tail_empty(self) -> bool:
+        return max(self.tail._lengths) == 0
+
+    @property
+    def start(self) -> int:
+        return self.base.length if self._tail_empty() else self._start
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(1, kv_heads, T, head_dim)`` draft states; return the target's prefix + the tail."""
+        if self._tail_empty():
+            self._start = self.base.length
+        keys, values = self.tail.update(key_states, value_states, layer_idx)
+        base_keys, base_values = self.base._keys[layer_idx], self.base._values[layer_idx]
+        if self._start == 0 or base_keys is None:
+            return keys, values
+        prefix_keys = base_keys[:, :, : self._start].to(keys.dtype)  # (1, kv_heads, start, head_dim)
+        prefix_values = base_values[:, :, : self._start].to(values.dtype)
+        return torch.cat([prefix_keys, keys], 2), torch.cat([prefix_values, values], 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start + self.tail.get_seq_length(layer_idx)
+
+    @property
+    def length(self) -> int:
+        return self.start + self.tail.length
+
+    def crop(self, length: int) -> None:
+        if length < 0 or length > self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} positions to {length}")
+        start = self.start
+        self.tail.crop(length - start if length >= start else 0)
+        if self.length != length:
+            raise ValueError(f"crop the target's cache to {length} first (it holds {self.base.length})")
+
+    def keep(self, start: int, slots: torch.Tensor) -> None:
+        """The accepted path's keys and values are the target's now: drop the tail."""
+        self.tail.crop(0)
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    def nbytes(self) -> int:
+        return self.tail.nbytes()

@@ -126,13 +126,17 @@ class LayeredLM:
         self.max_context = int(getattr(config, "max_position_embeddings", 4096))
         self.dtype = self.norm.weight.dtype  # the compute dtype (the embedding table may be 16-bit)
         self.layer_dtype = self.dtype  # the hidden states' dtype inside the decoder layers
+        self.kv_source: LayeredLM | None = None  # a model whose cached keys/values this one can attend to
         self.device = self.embed_tokens.weight.device
 
-    def with_layers(self, layer_source: LayerSource, layer_dtype: torch.dtype) -> LayeredLM:
+    def with_layers(self, layer_source: LayerSource, layer_dtype: torch.dtype, shares_cache: bool = False) -> LayeredLM:
         """Another model over the same embeddings, rotary table, final norm and head (shared, not
-        copied) with other decoder layers, whose hidden states are in ``layer_dtype``."""
+        copied) with other decoder layers, whose hidden states are in ``layer_dtype``; with
+        ``shares_cache`` it attends to this model's cached keys and values for the committed
+        prefix (:class:`~specchat.model.kvcache.SharedPrefixCache`)."""
         other = copy.copy(self)
         other.layer_source, other.layer_dtype = layer_source, layer_dtype
+        other.kv_source = self if shares_cache else None
         return other
 
     def new_cache(self) -> KVCache:

@@ -45,9 +45,11 @@ def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
 
 
 def build_self_draft(
-    target: LayeredLM, facts: ModelFacts, kind: str, progress: Callable[[str], None] = lambda message: None
+    target: LayeredLM, facts: ModelFacts, kind: str, progress: Callable[[str], None] = lambda message: None,
+    shares_cache: bool = True,
 ) -> LayeredLM:
-    """``target``'s embeddings and head over a ``kind`` copy of its decoder layers, on the CPU."""
+    """``target``'s embeddings and head over a ``kind`` copy of its decoder layers, on the CPU; with
+    ``shares_cache`` the engine gives it the target's keys and values for the committed prefix."""
     make_layer = _layer_maker(facts)
     tensors = _checkpoint_tensors(facts.path)
     dtype = layer_dtype(target.dtype)
@@ -57,7 +59,7 @@ def build_self_draft(
         layers.append(quantize_layer(layer, kind).eval())
         if index + 1 in (1, facts.num_layers) or (index + 1) % 8 == 0:
             progress(f"building the self draft ({kind}): {index + 1}/{facts.num_layers} layers")
-    return target.with_layers(ResidentLayers(layers), dtype)
+    return target.with_layers(ResidentLayers(layers), dtype, shares_cache)
 
 
 def _layer_maker(facts: ModelFacts) -> Callable[[int, dict], nn.Module]:

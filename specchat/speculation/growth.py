@@ -28,6 +28,7 @@ import torch
 
 from specchat.model.kvcache import KVCache
 from specchat.model.lm import LanguageModel
+from specchat.speculation.agreement import GreedyAgreement
 from specchat.speculation.sampling import SamplingParams, draft_top_log_scores, probabilities
 from specchat.speculation.tree import Tree, TreeBuilder
 
@@ -44,6 +45,9 @@ class GrowthParams:
     # ((width, seconds of one draft forward over that many nodes), ...) ascending: when given,
     # each step picks its own width (:func:`choose_width`) instead of ``batch``.
     width_costs: tuple[tuple[int, float], ...] = ()
+    # Greedy SpecExec: score children by how often the target has taken the draft's favourite
+    # (:class:`GreedyAgreement`) instead of by the draft's probabilities.
+    agreement: GreedyAgreement | None = None
 
     def step_pays_off(self, frontier_mass: float, expected_tokens: float, draft_spent_s: float, step_s: float | None) -> bool:
         """Is one more draft step worth its time?
@@ -102,7 +106,7 @@ def grow_specexec(
     # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
     root_s = growth.width_costs[0][1] if growth.width_costs else (growth.draft_step_s or 0.0)
     spent_s, predicted_s = root_s, (root_s if growth.width_costs else 0.0)
-    scores, tokens = draft_top_log_scores(builder.expand_root(), sampling, budget)  # (1, K) each
+    scores, tokens = _child_scores(builder, [0], builder.expand_root(), sampling, growth)  # (1, K) each
     _offer_children(builder, [0], scores, tokens, budget, threshold=-math.inf)
     while builder.draft_forwards < growth.max_steps:
         threshold = _kth_best(builder.scores[1:], budget)
@@ -126,11 +130,22 @@ def grow_specexec(
         mass = sum(math.exp(builder.scores[n]) for n in nodes)
         if not growth.step_pays_off(mass, expected, spent_s, step_s):
             break
-        scores, tokens = draft_top_log_scores(builder.expand(nodes), sampling, budget)  # (B, K) each
+        scores, tokens = _child_scores(builder, nodes, builder.expand(nodes), sampling, growth)  # (B, K) each
         _offer_children(builder, nodes, scores, tokens, budget, threshold)
         spent_s += step_s or 0.0
         predicted_s += step_s if growth.width_costs else 0.0
     return Growth(builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards, predicted_s)
+
+
+def _child_scores(
+    builder: TreeBuilder, nodes: list[int], logits: torch.Tensor, sampling: SamplingParams, growth: GrowthParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``budget`` children of each expanded node: (log-scores (B, K), tokens (B, K))."""
+    log_probs, tokens = draft_top_log_scores(logits, sampling, growth.budget)
+    builder.note_favourites(nodes, log_probs, tokens)
+    if growth.agreement is not None:
+        log_probs = growth.agreement.rescore(log_probs)
+    return log_probs, tokens
 
 
 def _offer_children(

@@ -8,7 +8,8 @@ Tensors of a finished :class:`Tree` (N nodes, root included):
   tokens  (N,) long   token id per node
   parents (N,) long   parent index, -1 for the root
   depths  (N,) long   0 for the root
-  scores  (N,) f64    draft log-probability of the path root -> node
+  scores  (N,) f64    log-score of the path root -> node (the draft's probabilities, or for
+                      greedy SpecExec the measured agreement, speculation/agreement.py)
 The target sees node i at absolute position ``prefix_len + depths[i]`` and may
 attend to the cached prefix plus node i's ancestors and itself
 (:meth:`Tree.ancestor_mask`).
@@ -16,6 +17,7 @@ attend to the cached prefix plus node i's ancestors and itself
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,10 @@ class Tree:
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     # Slot of each node in the draft cache, -1 where the draft has not consumed it.
     draft_slots: torch.Tensor | None = None
+    # Per node the draft expanded: its favourite child token and that token's draft probability
+    # (-1 and 0 elsewhere), to learn how often the target agrees (SpecExec).
+    favourites: torch.Tensor | None = None  # (N,) long
+    favourite_probs: torch.Tensor | None = None  # (N,) float64
 
     @property
     def size(self) -> int:
@@ -78,6 +84,8 @@ class TreeBuilder:
         self.depths: list[int] = [0]
         self.scores: list[float] = [0.0]
         self.slots: list[int] = [-1]
+        self.favourites: list[int] = [-1]
+        self.favourite_probs: list[float] = [0.0]
         self.draft_probs: dict[int, torch.Tensor] = {}
         self.draft_forwards = 0
         self._pending = committed[cache.length :]  # tokens the draft has not seen, root last
@@ -88,7 +96,14 @@ class TreeBuilder:
         self.depths.append(self.depths[parent] + 1)
         self.scores.append(score)
         self.slots.append(-1)
+        self.favourites.append(-1)
+        self.favourite_probs.append(0.0)
         return len(self.tokens) - 1
+
+    def note_favourites(self, nodes: list[int], log_probs: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record each expanded node's favourite child: log_probs, tokens (B, k), best first."""
+        for node, log_prob, token in zip(nodes, log_probs[:, 0].tolist(), tokens[:, 0].tolist()):
+            self.favourites[node], self.favourite_probs[node] = token, math.exp(log_prob)
 
     def expand_root(self) -> torch.Tensor:
         """Feed the draft every committed token it has not seen; return root logits (1, V)."""
@@ -137,4 +152,6 @@ class TreeBuilder:
             scores=torch.tensor([self.scores[n] for n in keep], dtype=torch.float64),
             draft_probs={new_index[n]: p for n, p in self.draft_probs.items() if n in new_index},
             draft_slots=torch.tensor([self.slots[n] for n in keep], dtype=torch.long),
+            favourites=torch.tensor([self.favourites[n] for n in keep], dtype=torch.long),
+            favourite_probs=torch.tensor([self.favourite_probs[n] for n in keep], dtype=torch.float64),
         )

@@ -1,0 +1,71 @@
+"""Greedy SpecExec trees scored by the measured agreement between draft and target."""
+
+import math
+
+import pytest
+import torch
+
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.model.lm import LayeredLM
+from specchat.speculation.agreement import BINS, GreedyAgreement
+from tiny import CharTokenizer, tiny_hf
+
+
+def _log_probs(*rows):
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+def test_an_unmeasured_draft_is_scored_by_its_own_probabilities():
+    log_probs = _log_probs([0.45, 0.30, 0.05], [0.91, 0.05, 0.01])
+    torch.testing.assert_close(GreedyAgreement().rescore(log_probs), log_probs)
+
+
+def test_a_draft_the_target_always_follows_scores_its_favourite_near_one():
+    agreement = GreedyAgreement()
+    for _ in range(400):
+        agreement.observe(0.45, True)
+    scores = agreement.rescore(_log_probs([0.45, 0.30, 0.05])).exp()[0]
+    assert scores[0] > 0.95  # the favourite is nearly certain now
+    assert scores[1] / scores[2] == pytest.approx(0.30 / 0.05)  # the rest shared as the draft shares it
+    assert float(scores.sum()) <= 1.0 + 1e-9
+
+
+def test_an_overconfident_draft_is_scored_below_its_probability():
+    agreement = GreedyAgreement()
+    for hit in [True, False] * 200:  # taken half the time at q1 = 0.95
+        agreement.observe(0.95, hit)
+    assert float(agreement.rate(torch.tensor([0.95], dtype=torch.float64))) == pytest.approx(0.5, abs=0.02)
+    # another bin keeps its prior
+    assert float(agreement.rate(torch.tensor([0.25], dtype=torch.float64))) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("q1", [0.0, 1e-9, 0.5, 1.0 - 1e-15, 1.0])
+def test_scores_stay_log_probabilities_at_the_edges(q1):
+    agreement = GreedyAgreement()
+    agreement.observe(min(q1, 0.999), True)
+    rest = (1.0 - q1) / 2
+    log_probs = torch.tensor([[math.log(q1) if q1 > 0 else -math.inf, math.log(rest) if rest > 0 else -math.inf, -math.inf]], dtype=torch.float64)
+    scores = agreement.rescore(log_probs)
+    assert not torch.isnan(scores).any() and bool((scores <= 0).all())
+    assert BINS == 10
+
+
+def test_learned_agreement_grows_deeper_trees_and_never_changes_the_output():
+    target = LayeredLM(tiny_hf(0, dtype=torch.float32))
+    draft = LayeredLM(tiny_hf(0, dtype=torch.float32))  # the target itself: every favourite is taken
+    config = GenerationConfig(budget=16, max_new_tokens=40, adaptive=False)
+    plain = list(Engine(target, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=40)))[-1]
+    per_pass = {}
+    for learned in (False, True):
+        engine = Engine(target, draft, CharTokenizer(), [], greedy_agreement=learned)
+        done = list(engine.generate([1, 2, 3], config))[-1]
+        assert done.token_ids == plain.token_ids
+        per_pass[learned] = done.stats.tokens_per_pass
+    assert per_pass[True] >= 2 * per_pass[False], per_pass
+
+
+def test_sampling_trees_are_scored_by_the_draft_alone():
+    target = LayeredLM(tiny_hf(0, dtype=torch.float32))
+    engine = Engine(target, LayeredLM(tiny_hf(0, dtype=torch.float32)), CharTokenizer(), [])
+    list(engine.generate([1, 2, 3], GenerationConfig(budget=8, max_new_tokens=12, temperature=0.8, seed=3)))
+    assert torch.equal(engine.agreement.hits, GreedyAgreement().hits)  # nothing learned from sampled passes
