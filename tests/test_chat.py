@@ -73,7 +73,8 @@ def test_repl_transcript_for_a_two_turn_chat(pipeline):
         f"{second}\n5 tokens · N tok/s · N tok/pass · budget 8 · P passes\n"
         f"session: 2 replies, {s1.new_tokens} tokens, {s1.passes} target passes, N tok/pass, N tok/s\n"
         "settings: method specexec, budget 8, temperature 0, top_p 1, max_tokens 5\n"
-        f"models: {pipeline.target_name} (float32, resident), draft {pipeline.draft_name}\n"
+        f"models: {pipeline.target_name} (float32, resident), draft {pipeline.draft_name} "
+        f"({pipeline.draft_bits}-bit, {pipeline.draft_bytes / 1e9:.2f} GB)\n"
         f"last reply: 5 tokens X, prefill {s2.prefill_tokens} tokens, X\n"
     )
     assert transcript == expected

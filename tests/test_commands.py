@@ -67,6 +67,7 @@ def test_models_json_lists_the_demo_pair_as_present():
     demo = rows["demo-1.5b"]
     assert demo["present"] is True
     assert demo["drafts"] == [{"name": "demo-0.5b", "params_b": 0.49, "present": True}]
+    assert demo["self_draft"] == {"name": "self:int8", "bytes": pytest.approx(1.54e9)}
     assert demo["bytes_16bit"] == pytest.approx(3.08e9) and demo["bytes_4bit"] == pytest.approx(0.77e9)
     assert {"llama-3.3-70b", "qwen2.5-72b", "llama-2-70b-chat", "mixtral-8x7b", "qwen2.5-coder-32b"} <= set(rows)
     assert rows["qwen2.5-72b"]["fits"] in ("ssd", "no")

@@ -3,7 +3,8 @@
 For each method we draw the first two generated tokens 20,000 times and compare
 their joint histogram with the target's exact p(x1) * p(x2 | x1) by a
 chi-square test.  The draft is an unrelated random model, so rejections,
-residual draws and deeper acceptances all happen.
+residual draws and deeper acceptances all happen; or the target's own layers in int4,
+attending to the target's cache, so that nearly everything is accepted.
 """
 
 import pytest
@@ -14,7 +15,7 @@ from specchat.engine.engine import Engine, GenerationConfig
 from specchat.model.lm import causal_visibility
 from specchat.speculation.sampling import SamplingParams, probabilities
 
-from tiny import CharTokenizer, tiny_lm
+from tiny import CharTokenizer, tiny_hf, tiny_lm
 
 DRAWS = 20_000
 PROMPT = [3, 1, 4]
@@ -36,13 +37,33 @@ def exact_joint(target, sampling: SamplingParams) -> torch.Tensor:
     return joint
 
 
+def self_drafted(tmp_path):
+    """A flat tiny target (float32, from a checkpoint) and its own layers in int4 as the draft,
+    attending to the target's cache."""
+    from specchat.model.loading import load_resident
+    from specchat.model.selfdraft import build_self_draft
+    from specchat.sources.facts import read_facts
+
+    model = tiny_hf(0, arch="qwen2", vocab=VOCAB, layers=1, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.25)
+    model.save_pretrained(tmp_path / "target")
+    target = load_resident(tmp_path / "target").lm
+    return target, build_self_draft(target, read_facts(tmp_path / "target"), "int4")
+
+
 @pytest.mark.parametrize("method", ["specexec", "specinfer"])
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_first_two_tokens_follow_the_target_distribution(method, temperature, top_p):
-    target = tiny_lm(0, vocab=VOCAB, layers=1)
-    draft = tiny_lm(1, vocab=VOCAB, layers=1)
-    with torch.no_grad():  # a flatter target, so that many cells have mass
-        target.lm_head.weight.mul_(0.25)
+@pytest.mark.parametrize(
+    "temperature, top_p, drafted_by", [(1.0, 1.0, "random"), (0.7, 0.9, "random"), (0.7, 0.9, "self:int4")]
+)
+def test_first_two_tokens_follow_the_target_distribution(method, temperature, top_p, drafted_by, tmp_path):
+    if drafted_by == "random":
+        target = tiny_lm(0, vocab=VOCAB, layers=1)
+        draft = tiny_lm(1, vocab=VOCAB, layers=1)
+        with torch.no_grad():  # a flatter target, so that many cells have mass
+            target.lm_head.weight.mul_(0.25)
+    else:
+        target, draft = self_drafted(tmp_path)
     engine = Engine(target, draft, CharTokenizer(), [])
     config = GenerationConfig(method=method, budget=6, draft_batch=3, max_new_tokens=2,
                               temperature=temperature, top_p=top_p, seed=1234)

@@ -41,7 +41,7 @@ def test_a_self_draft_of_an_unknown_kind_is_refused(spec):
 def test_int4_linear_is_the_group_wise_rounding_of_the_weights():
     torch.manual_seed(0)
     linear = nn.Linear(128, 48)
-    q = Int4Linear(linear)
+    q = Int4Linear.quantize(linear)
     w = linear.weight.detach().reshape(48, 2, 64)
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = (high - low) / 15
@@ -125,12 +125,25 @@ def test_run_with_the_self_draft_prints_the_greedy_reply(tiny_dirs):
 def test_int8_linear_is_the_row_wise_rounding_of_the_weights():
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)
-    q = Int8Linear(linear)
+    q = Int8Linear.quantize(linear)
     w = linear.weight.detach()
     scale = w.abs().amax(1, keepdim=True) / 127
     x = torch.randn(3, 96)
     torch.testing.assert_close(q(x), x @ (torch.round(w / scale) * scale).t() + linear.bias.detach(), rtol=1e-4, atol=1e-4)
-    assert q(x.bfloat16()).dtype == torch.bfloat16  # the activations keep their dtype
+    half = Int8Linear.quantize(linear.to(torch.bfloat16))
+    assert half(x.bfloat16()).dtype == torch.bfloat16 and half.scales.dtype == torch.bfloat16  # the layer's dtype
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_low_bit_layer_saves_and_loads_through_its_state_dict(kind):
+    torch.manual_seed(0)
+    layer = quantize_layer(nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32)), kind)
+    with torch.device("meta"):
+        shell = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
+    shell = quantize_layer(shell, kind, shell=True)
+    shell.load_state_dict(layer.state_dict(), strict=True, assign=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(shell(x), layer(x))
 
 
 def test_draft_auto_for_a_target_with_no_registered_draft_uses_the_self_draft(tiny_dirs):
@@ -181,3 +194,86 @@ def test_the_self_draft_reads_the_targets_cache_and_never_prefills(tiny_target, 
         prompt = prompt + list(done.token_ids) + [5, 6, 7]
     unshared = build_self_draft(target.lm, facts, "int8", shares_cache=False)
     assert isinstance(Engine(target.lm, unshared, CharTokenizer(), []).draft_cache, KVCache)
+
+
+def _self_run(tiny_dirs, store, *extra):
+    args = ["run", "--model", str(tiny_dirs["target"]), "--draft", "self:int8", "--store", str(store),
+            "--max-new-tokens", "10", "--budget", "8", "--json", *extra, "the sea"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)["tokens"], result.stderr
+
+
+def test_the_self_draft_is_kept_beside_the_stores_and_loaded_next_time(tiny_dirs, tmp_path):
+    first, built = _self_run(tiny_dirs, tmp_path / "stores")
+    assert "building the self draft (int8): 2/2 layers" in built
+    [copy] = (tmp_path / "stores").iterdir()
+    assert copy.name.endswith("-self-int8") and (copy / "manifest.json").is_file()
+    assert sorted(p.name for p in copy.iterdir()) == ["layer_000.safetensors", "layer_001.safetensors", "manifest.json"]
+    second, loaded = _self_run(tiny_dirs, tmp_path / "stores")
+    assert second == first and "building the self draft" not in loaded and f"self draft (int8) loaded from {copy}" in loaded
+
+
+def test_a_damaged_self_draft_copy_is_rebuilt_never_used(tiny_dirs, tmp_path):
+    first, _ = _self_run(tiny_dirs, tmp_path / "stores")
+    [copy] = (tmp_path / "stores").iterdir()
+    layer = copy / "layer_001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the weights
+    layer.write_bytes(bytes(data))
+    again, stderr = _self_run(tiny_dirs, tmp_path / "stores")
+    assert again == first
+    assert f"the saved self draft in {copy} cannot be used ({layer} is damaged (checksum mismatch)); building it again" in stderr
+    _, clean = _self_run(tiny_dirs, tmp_path / "stores")
+    assert "loaded from" in clean  # the rebuilt copy checks out
+
+
+def test_an_interrupted_self_draft_build_resumes_with_the_layers_it_wrote(tiny_dirs, tmp_path):
+    first, _ = _self_run(tiny_dirs, tmp_path / "stores")
+    [copy] = (tmp_path / "stores").iterdir()
+    kept = (copy / "layer_000.safetensors").stat().st_mtime_ns
+    (copy / "manifest.json").unlink()  # as if killed before the manifest ...
+    (copy / "layer_001.safetensors").rename(copy / "layer_001.safetensors.partial")  # ... while writing layer 1
+    (copy / "building.json").write_text(json.dumps({"source_files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(tiny_dirs["target"].glob("*.safetensors"))]}))
+    again, stderr = _self_run(tiny_dirs, tmp_path / "stores")
+    assert again == first and "building the self draft (int8): 2/2 layers" in stderr
+    assert (copy / "layer_000.safetensors").stat().st_mtime_ns == kept  # not rewritten
+    assert not list(copy.glob("*.partial")) and (copy / "manifest.json").is_file()
+
+
+def test_a_self_draft_that_cannot_be_kept_is_built_and_used_anyway(tiny_dirs, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    tokens, stderr = _self_run(tiny_dirs, not_a_directory)
+    plain = runner.invoke(app, ["run", "--model", str(tiny_dirs["target"]), "--draft", "none", "--max-new-tokens", "10", "--json", "the sea"])
+    assert tokens == json.loads(plain.stdout)["tokens"]
+    assert "cannot keep the self draft in" in stderr and "it is built again each run" in stderr
+
+
+def test_setup_with_the_self_draft_builds_and_keeps_it_and_run_loads_it(tiny_dirs, tmp_path):
+    import tomllib
+
+    from specchat.common.paths import config_file
+
+    store = tmp_path / "stores"
+    result = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--draft", "self", "--store", str(store), "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert "building the self draft (int8): 2/2 layers" in result.stderr
+    assert "measuring pass times for --budget auto" in result.stderr  # calibrated with the self draft
+    assert tomllib.loads(config_file().read_text())["draft"] == "self"
+    run = runner.invoke(app, ["run", "--max-new-tokens", "5", "--json", "the sea"])
+    assert run.exit_code == 0, run.stderr
+    assert "self draft (int8) loaded from" in run.stderr and "building the self draft" not in run.stderr
+    assert json.loads(run.stdout)["stats"]["draft"]["name"] == "self:int8"
+
+
+def test_setup_of_a_target_with_no_registered_draft_pairs_it_with_itself(tiny_dirs, tmp_path):
+    import tomllib
+
+    from specchat.common.paths import config_file
+
+    result = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--store", str(tmp_path / "stores"), "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert "building the self draft (int8)" in result.stderr
+    assert tomllib.loads(config_file().read_text())["draft"] == "auto"  # run pairs it the same way

@@ -56,6 +56,8 @@ def model_rows(registry: dict[str, ModelEntry], facts: dict) -> list[dict]:
                 "drafts": [
                     {"name": d, "params_b": registry[d].params_b, "present": is_present(registry[d])} for d in entry.drafts
                 ],
+                # --draft self: the target's own layers in int8 (an upper bound: embeddings and head are shared)
+                "self_draft": {"name": "self:int8", "bytes": entry.bytes_at(8)},
                 "present": is_present(entry),
                 "fits": fit(entry, facts),
             }

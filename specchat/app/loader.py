@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,7 @@ from specchat.common.paths import cache_dir
 from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, free_memory, place_target, resolve_device
-from specchat.model.selfdraft import build_self_draft
+from specchat.model.selfdraft import build_self_draft, self_draft_dir
 from specchat.weights.lowbit import LOWBIT_BITS
 from specchat.model.target import load_target
 from specchat.sources.facts import read_facts
@@ -75,9 +76,10 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     )
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     progress(dtype_reason)
-    target = load_target(target_facts, plan, machine, choice.load_bytes, config.store or cache_dir() / "stores", progress)
+    store_root = config.store or cache_dir() / "stores"
+    target = load_target(target_facts, plan, machine, choice.load_bytes, store_root, progress)
     progress(plan.reason)
-    draft = _load_draft(choice, config, machine, target, progress)
+    draft = _load_draft(choice, config, machine, target, store_root, progress)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
     pipeline = Pipeline(
         engine, target, draft, target_ref.display, choice.name, choice.reason, plan, device, config, dtype,
@@ -98,12 +100,13 @@ def _draft_bits(choice: DraftChoice, config: RunConfig, machine: Machine) -> int
 
 
 def _load_draft(
-    choice: DraftChoice, config: RunConfig, machine: Machine, target: LoadedModel, progress: Progress
+    choice: DraftChoice, config: RunConfig, machine: Machine, target: LoadedModel, store_root: Path, progress: Progress
 ) -> LoadedModel | None:
     if choice.facts is None:
         return None
     if choice.self_kind:
-        lm = build_self_draft(target.lm, choice.facts, choice.self_kind, progress)
+        where = self_draft_dir(store_root, choice.facts, choice.self_kind)
+        lm = build_self_draft(target.lm, choice.facts, choice.self_kind, progress, cache_dir=where)
         return LoadedModel(lm, target.tokenizer, target.path)
     progress(f"loading {choice.ref.display}")
     if int8_draft(config, machine.device):

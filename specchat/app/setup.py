@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from specchat.app.calibration import calibrate_for_setup
 from specchat.app.config import RunConfig
 from specchat.app.drafts import int8_draft
@@ -18,6 +20,7 @@ from specchat.common.files import atomic_write, check_free_disk
 from specchat.common.paths import cache_dir, config_file
 from specchat.model.placement import draft_bytes, free_memory, place_target, resolve_device
 from specchat.model.target import open_layer_store
+from specchat.model.selfdraft import DEFAULT_SELF_KIND, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import HUB_FILE_PATTERNS, ModelRef, Progress, materialize, parse_model_spec
@@ -90,12 +93,11 @@ def run_setup(model: str, settings: RunConfig, progress: Progress, confirm: Call
             return
     target_dir = _materialize_or_download(ref, progress)
     progress(f"target {ref.display}: {target_dir}")
-    draft_name, draft_facts = _fetch_draft(ref, settings, registry, progress)
     target_facts = read_facts(target_dir)
     device = resolve_device(settings.device)
     dtype = resolve_compute_dtype(settings.dtype, device)[0]
+    draft_name, load_bytes = _fetch_draft(ref, settings, registry, target_facts, device, dtype, progress)
     # the same placement `run` will make beside this draft
-    load_bytes = draft_bytes(draft_facts, int8_draft(settings, device), dtype) if draft_facts else 0
     plan = place_target(
         target_facts, settings.offload, settings.quant, settings.ram_budget, dtype, device, free_memory(device), load_bytes
     )
@@ -127,14 +129,22 @@ def run_setup(model: str, settings: RunConfig, progress: Progress, confirm: Call
         calibrate_for_setup(pipeline, chosen, progress)
 
 
-def _fetch_draft(ref: ModelRef, settings: RunConfig, registry, progress) -> tuple[str | None, ModelFacts | None]:
-    """The configured draft, or the target's first registered one: fetched if missing (name, facts)."""
+def _fetch_draft(
+    ref: ModelRef, settings: RunConfig, registry, target: ModelFacts, device: torch.device, dtype: torch.dtype, progress
+) -> tuple[str | None, int]:
+    """The configured draft, or the target's first registered one, fetched if missing, or for a
+    target with none its own layers in int8 on a CPU (as `run` pairs them): (name, bytes beside the target)."""
     if settings.draft == "none":
-        return None, None
+        return None, 0
+    kind = self_draft_kind(settings.draft)
     candidates = [settings.draft] if settings.draft != "auto" else (list(ref.entry.drafts) if ref.entry else [])
+    if kind is None and not candidates and device.type == "cpu":
+        kind = DEFAULT_SELF_KIND
+    if kind is not None:
+        return f"self:{kind}", self_draft_bytes(target, kind)  # built (and kept) by the load below
     if not candidates:
-        return None, None
+        return None, 0
     draft_ref = parse_model_spec(candidates[0], registry)
     facts = read_facts(_materialize_or_download(draft_ref, progress))
     progress(f"draft {draft_ref.display}: ready")
-    return draft_ref.display, facts
+    return draft_ref.display, draft_bytes(facts, int8_draft(settings, device), dtype)

@@ -144,7 +144,10 @@ def models_table(rows: list[dict], out: TextIO) -> None:
     for header in ("target", "params", "16-bit", "4-bit", "present", "runs here", "drafts"):
         table.add_column(header)
     for row in rows:
-        drafts = ", ".join(f"{d['name']}{' (present)' if d['present'] else ''}" for d in row["drafts"])
+        drafts = ", ".join(
+            [f"{d['name']}{' (present)' if d['present'] else ''}" for d in row["drafts"]]
+            + ([f"{row['self_draft']['name']} (<= {_gb(row['self_draft']['bytes'])})"] if "self_draft" in row else [])
+        )
         fits = {"ram": "in memory", "pinned": "pinned RAM -> GPU", "ssd": "streamed from SSD", "no": "no"}[row["fits"]]
         table.add_row(
             row["name"], f"{row['params_b']:g}B", _gb(row["bytes_16bit"]), _gb(row["bytes_4bit"]),

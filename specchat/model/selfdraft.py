@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from specchat.common.errors import CorruptModel
+from specchat.common.errors import CorruptModel, ResourceError
 from specchat.model.lm import LayeredLM, ResidentLayers
 from specchat.sources.facts import LAYER_PREFIX, ModelFacts
+from specchat.weights.layerfiles import LayerFiles
+from specchat.weights.store import store_dir_for
 from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer
 
 SELF = "self"
@@ -39,6 +41,11 @@ def self_draft_kind(spec: str) -> str | None:
     return kind
 
 
+def self_draft_dir(store_root: Path, facts: ModelFacts, kind: str) -> Path:
+    """Where the low-bit copy of ``facts``'s model is kept: beside its layer stores."""
+    return store_dir_for(store_root, facts.path, f"self-{kind}")
+
+
 def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
     """RAM the low-bit layer copy takes (the embeddings and head are the target's)."""
     return int(facts.layer_elements * _BYTES_PER_WEIGHT[kind])
@@ -46,24 +53,88 @@ def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
 
 def build_self_draft(
     target: LayeredLM, facts: ModelFacts, kind: str, progress: Callable[[str], None] = lambda message: None,
-    shares_cache: bool = True,
+    shares_cache: bool = True, cache_dir: Path | None = None,
 ) -> LayeredLM:
     """``target``'s embeddings and head over a ``kind`` copy of its decoder layers, on the CPU; with
-    ``shares_cache`` the engine gives it the target's keys and values for the committed prefix."""
-    make_layer = _layer_maker(facts)
-    tensors = _checkpoint_tensors(facts.path)
+    ``shares_cache`` the engine gives it the target's keys and values for the committed prefix.
+
+    With ``cache_dir`` the copy is kept there (:class:`LayerFiles`): loaded when a checked one of
+    these weights is there, else built and written layer by layer (an interrupted build resumes).
+    A cache that cannot be written costs only the time to build the copy again next run."""
     dtype = layer_dtype(target.dtype)
-    layers = []
-    for index in range(facts.num_layers):
-        layer = make_layer(index, tensors).to(dtype)
-        layers.append(quantize_layer(layer, kind).eval())
-        if index + 1 in (1, facts.num_layers) or (index + 1) % 8 == 0:
-            progress(f"building the self draft ({kind}): {index + 1}/{facts.num_layers} layers")
+    files = LayerFiles(cache_dir, facts.path, facts.num_layers, {"kind": kind, "dtype": str(dtype)}) if cache_dir else None
+    layers = _load_copy(files, facts, kind, dtype, progress) if files is not None and files.complete() else None
+    if layers is None:
+        layers = _build_copy(files, facts, kind, dtype, progress)
     return target.with_layers(ResidentLayers(layers), dtype, shares_cache)
 
 
+def _load_copy(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module] | None:
+    """The saved copy's layers, or None (with a note) where a file of it is damaged."""
+    make_layer, layers = _layer_maker(facts), []
+    try:
+        for index in range(facts.num_layers):
+            layers.append(_saved_layer(files, make_layer, index, kind, dtype))
+    except (CorruptModel, RuntimeError) as exc:  # RuntimeError: tensors of other names or shapes
+        progress(f"the saved self draft in {files.path} cannot be used ({getattr(exc, 'what', exc)}); building it again")
+        return None
+    progress(f"self draft ({kind}) loaded from {files.path}")
+    return layers
+
+
+def _build_copy(files: LayerFiles | None, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module]:
+    """Quantise the checkpoint's layers one at a time, saving each where ``files`` says (if it can)."""
+    files = _writable(files, self_draft_bytes(facts, kind), progress)
+    make_layer, tensors, layers = _layer_maker(facts), _checkpoint_tensors(facts.path), []
+    for index in range(facts.num_layers):
+        if files is not None and files.has(index):  # written by an interrupted build of these weights
+            layers.append(_saved_layer(files, make_layer, index, kind, dtype))
+        else:
+            layers.append(quantize_layer(make_layer(index, tensors).to(dtype), kind).eval())
+            files = _save(files, index, layers[-1], progress)
+        if index + 1 in (1, facts.num_layers) or (index + 1) % 8 == 0:
+            progress(f"building the self draft ({kind}): {index + 1}/{facts.num_layers} layers")
+    if files is not None:
+        try:
+            files.finish()
+        except (OSError, ResourceError) as exc:
+            _not_kept(files, exc, progress)
+    return layers
+
+
+def _saved_layer(files: LayerFiles, make_layer, index: int, kind: str, dtype: torch.dtype) -> nn.Module:
+    shell = quantize_layer(make_layer(index, None).to(dtype), kind, shell=True)
+    shell.load_state_dict(files.read(index), strict=True, assign=True)
+    return shell.eval()
+
+
+def _writable(files: LayerFiles | None, needed_bytes: int, progress) -> LayerFiles | None:
+    if files is None:
+        return None
+    try:
+        files.start(needed_bytes)
+        return files
+    except (OSError, ResourceError) as exc:
+        return _not_kept(files, exc, progress)
+
+
+def _save(files: LayerFiles | None, index: int, layer: nn.Module, progress) -> LayerFiles | None:
+    if files is None:
+        return None
+    try:
+        files.write(index, layer.state_dict())
+        return files
+    except (OSError, ResourceError) as exc:
+        return _not_kept(files, exc, progress)
+
+
+def _not_kept(files: LayerFiles, exc: Exception, progress) -> None:
+    reason = getattr(exc, "what", None) or getattr(exc, "strerror", None) or str(exc)
+    progress(f"cannot keep the self draft in {files.path} ({reason}); it is built again each run")
+
+
 def _layer_maker(facts: ModelFacts) -> Callable[[int, dict], nn.Module]:
-    """A function (layer index, checkpoint tensors) -> that decoder layer with its 16-bit weights."""
+    """A function (layer index, checkpoint tensors) -> that decoder layer with its checkpoint weights."""
     from transformers import AutoModelForCausalLM
 
     config = facts.config
@@ -71,10 +142,13 @@ def _layer_maker(facts: ModelFacts) -> Callable[[int, dict], nn.Module]:
     with torch.device("meta"):
         layer_class = type(AutoModelForCausalLM.from_config(config).model.layers[0])
 
-    def make(index: int, tensors: dict) -> nn.Module:
+    def make(index: int, tensors: dict | None) -> nn.Module:
+        """Layer ``index`` with the checkpoint's weights, or on the meta device when ``tensors`` is None."""
         prefix = f"{LAYER_PREFIX}{index}."
         with torch.device("meta"):
             layer = layer_class(config, index)
+        if tensors is None:
+            return layer
         state = {name[len(prefix):]: tensors[name]() for name in tensors if name.startswith(prefix)}
         try:
             layer.load_state_dict(state, strict=True, assign=True)

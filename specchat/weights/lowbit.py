@@ -29,36 +29,84 @@ LOWBIT_BITS = {"int8": 8, "int4": 4}
 INT4_GROUP = 64  # input columns per (scale, min); a smaller power of two for narrow layers
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W held as packed int4 groups (see the module docstring)."""
+class LowBitLinear(nn.Module):
+    """y = x W^T + b for a low-bit W; the weights live in buffers, so ``state_dict`` saves them
+    and a shell made on the meta device (:meth:`shell`) loads them back."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()  # (out, in)
-        out_features, in_features = weight.shape
-        group = int4_group(in_features)
-        grouped = weight.reshape(out_features, in_features // group, group)  # (out, in/g, g)
-        low, high = grouped.amin(-1), grouped.amax(-1)  # (out, in/g)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
-        self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.reshape(out_features, in_features).to(torch.int32), 1)
-        # (in/g, out, 2): per group and output row, (scale, zero)
-        self.scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        self._dtype = None
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def shell(cls, linear: nn.Linear) -> LowBitLinear:
+        """An empty one of ``linear``'s shape and dtype, to be filled by ``load_state_dict(assign=True)``."""
+        with torch.device("meta"):
+            return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (N, in)
-        if self._dtype != rows.dtype:  # the scales in the activations' dtype, converted once
-            self.scales_zeros, self._dtype = self.scales_zeros.to(rows.dtype), rows.dtype
-        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)  # (N, out)
+        out = self.product(x.reshape(-1, self.in_features))  # (N, out)
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+            out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+        return sum(buffer.nbytes for buffer in self.buffers())
+
+
+class Int8Linear(LowBitLinear):
+    """W = s q per output row (see the module docstring); scales in the layer's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))  # (out, in)
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))  # (out,)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> Int8Linear:
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        weight = linear.weight.detach().float()  # (out, in)
+        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)  # (out,)
+        out.weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        out.scales = scale.to(linear.weight.dtype)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().clone()
+        return out
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+
+
+class Int4Linear(LowBitLinear):
+    """w = min + q scale per group of input columns (see the module docstring), packed for torch's kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__(in_features, out_features, bias, dtype)
+        self.group = int4_group(in_features)
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # (out, in/2)
+        # (in/g, out, 2): per group and output row, (scale, zero)
+        self.register_buffer("scales_zeros", torch.empty(in_features // self.group, out_features, 2, dtype=dtype))
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> Int4Linear:
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        weight = linear.weight.detach().float()  # (out, in)
+        rows, group = linear.out_features, out.group
+        grouped = weight.reshape(rows, -1, group)  # (out, in/g, g)
+        low, high = grouped.amin(-1), grouped.amax(-1)  # (out, in/g)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).reshape(rows, -1)
+        out.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        out.scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(linear.weight.dtype)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().clone()
+        return out
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
 
 
 def int4_group(in_features: int) -> int:
@@ -69,43 +117,19 @@ def int4_group(in_features: int) -> int:
     raise ValueError(f"int4 needs layers whose input width is a multiple of 32, got {in_features}")
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W held as int8 rows and one scale per row (see the module docstring)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()  # (out, in)
-        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)  # (out,)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
-        self.scales = scale
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        self._dtype = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (N, in)
-        if self._dtype != rows.dtype:  # the scales in the activations' dtype, converted once
-            self.scales, self._dtype = self.scales.to(rows.dtype), rows.dtype
-        out = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)  # (N, out)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def nbytes(self) -> int:
-        return self.weight_int8.nbytes + self.scales.nbytes + (self.bias.nbytes if self.bias is not None else 0)
-
-
 _LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def quantize_layer(layer: nn.Module, kind: str) -> nn.Module:
-    """``layer`` (in place) with every ``nn.Linear`` replaced by its low-bit ``kind``."""
+def quantize_layer(layer: nn.Module, kind: str, shell: bool = False) -> nn.Module:
+    """``layer`` (in place) with every ``nn.Linear`` replaced by its low-bit ``kind``; with ``shell``
+    by empty ones on the meta device, for a ``load_state_dict(..., assign=True)`` of saved ones."""
     if kind not in _LINEARS:
         raise ValueError(f"low-bit kind must be one of {', '.join(LOWBIT_KINDS)}, got {kind!r}")
+    make = _LINEARS[kind].shell if shell else _LINEARS[kind].quantize
     for parent in list(layer.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, _LINEARS[kind](child))
+                setattr(parent, name, make(child))
     return layer
 
 
@@ -117,5 +141,5 @@ def layer_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 def lowbit_bytes(layer: nn.Module) -> int:
     """Bytes a quantised layer holds: packed weights, scales, norms and biases."""
-    total = sum(m.nbytes() for m in layer.modules() if isinstance(m, (Int4Linear, Int8Linear)))
+    total = sum(m.nbytes() for m in layer.modules() if isinstance(m, LowBitLinear))
     return total + sum(p.nbytes for p in layer.parameters())

@@ -147,10 +147,10 @@ def build_store(
     """
     sources = source_files(model_dir)
     if (path / MANIFEST).is_file():
-        recorded = _recorded_sources(path / MANIFEST)
+        recorded = recorded_sources(path / MANIFEST)
         if recorded is None or recorded == sources:  # None: built before stores recorded their sources
             return open_store(path)
-        _clear(path)  # built from other weights
+        clear_directory(path)  # built from other weights
     from safetensors import safe_open
 
     if dtype not in STORE_DTYPES:
@@ -196,8 +196,8 @@ def _start_build(path: Path, sources: list[list]) -> None:
     """Drop what an interrupted build left that cannot be trusted, then record what is being built."""
     for stale in path.glob("*.partial"):
         stale.unlink()
-    if (path / BUILDING).is_file() and _recorded_sources(path / BUILDING) != sources:
-        _clear(path)  # an interrupted build of other weights: its layers are not ours
+    if (path / BUILDING).is_file() and recorded_sources(path / BUILDING) != sources:
+        clear_directory(path)  # an interrupted build of other weights: its layers are not ours
     atomic_write(path / BUILDING, json.dumps({"source_files": sources}))
 
 
@@ -248,14 +248,14 @@ def source_files(model_dir: Path) -> list[list]:
     return rows
 
 
-def _recorded_sources(file: Path) -> list[list] | None:
+def recorded_sources(file: Path) -> list[list] | None:
     try:
         return json.loads(file.read_text()).get("source_files")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def _clear(path: Path) -> None:
+def clear_directory(path: Path) -> None:
     """Empty a store directory, the manifest first, so that an interrupted clear is never trusted."""
     (path / MANIFEST).unlink(missing_ok=True)
     for file in path.iterdir():
