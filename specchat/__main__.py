@@ -1,3 +1,3 @@
-from specchat.cli.app import main
+from specchat.cli.entry import main
 
 main()

@@ -114,7 +114,7 @@ def test_a_disk_that_fills_up_mid_build_leaves_nothing_a_later_run_would_trust(m
     monkeypatch.setattr(os, "fsync", fsync_until_full)
     with pytest.raises(ResourceError, match="the disk filled up while writing .*layer_002.bin"):
         build_store(model_dir, path, "float16")
-    assert sorted(p.name for p in path.iterdir()) == ["building.json", "layer_000.bin", "layer_001.bin"]  # no .partial, no manifest
+    assert sorted(p.name for p in path.iterdir()) == [".lock", "building.json", "layer_000.bin", "layer_001.bin"]  # no .partial, no manifest
     with pytest.raises(CorruptModel, match="incomplete"):
         open_store(path)
     monkeypatch.setattr(os, "fsync", real_fsync)

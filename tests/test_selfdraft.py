@@ -13,7 +13,7 @@ from specchat.model.kvcache import KVCache, SharedPrefixCache
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
-from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer
+from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer, tune_int8
 from tiny import CharTokenizer
 
 runner = CliRunner()
@@ -134,6 +134,29 @@ def test_int8_linear_is_the_row_wise_rounding_of_the_weights():
     assert half(x.bfloat16()).dtype == torch.bfloat16 and half.scales.dtype == torch.bfloat16  # the layer's dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_widened_int8_product_equals_the_int8_kernel(dtype):
+    torch.manual_seed(0)
+    q = Int8Linear.quantize(nn.Linear(96, 40).to(dtype))
+    x = torch.randn(20, 96).to(dtype)
+    narrow = q(x)
+    q.wide_rows = 16
+    assert q.wide_rows <= x.shape[0]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(q(x), narrow, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(q(x[:3]), narrow[:3])  # below wide_rows: the int8 kernel itself
+
+
+def test_tune_int8_sets_one_crossover_on_every_int8_linear():
+    torch.manual_seed(0)
+    layers = [quantize_layer(nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)), "int8") for _ in range(2)]
+    ticks = iter(range(10**6))
+    crossover = tune_int8(layers, torch.float32, clock=lambda: next(ticks))  # every call "takes" 1 tick: never faster
+    assert crossover == Int8Linear.wide_rows == 1 << 30
+    crossover = tune_int8(layers, torch.float32)
+    assert {m.wide_rows for layer in layers for m in layer if isinstance(m, Int8Linear)} == {crossover}
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_low_bit_layer_saves_and_loads_through_its_state_dict(kind):
     torch.manual_seed(0)
@@ -210,7 +233,7 @@ def test_the_self_draft_is_kept_beside_the_stores_and_loaded_next_time(tiny_dirs
     assert "building the self draft (int8): 2/2 layers" in built
     [copy] = (tmp_path / "stores").iterdir()
     assert copy.name.endswith("-self-int8") and (copy / "manifest.json").is_file()
-    assert sorted(p.name for p in copy.iterdir()) == ["layer_000.safetensors", "layer_001.safetensors", "manifest.json"]
+    assert sorted(p.name for p in copy.iterdir()) == [".lock", "layer_000.safetensors", "layer_001.safetensors", "manifest.json"]
     second, loaded = _self_run(tiny_dirs, tmp_path / "stores")
     assert second == first and "building the self draft" not in loaded and f"self draft (int8) loaded from {copy}" in loaded
 

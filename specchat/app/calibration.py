@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specchat.app.config import RunConfig
+from specchat.common.errors import SpecchatError
 from specchat.common.paths import config_file
 from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner, calibrated_choices, load_calibration, save_calibration
 from specchat.engine.autobudget.measure import measure_calibration
@@ -40,7 +41,12 @@ def _measure(pipeline: Pipeline, key: str, max_depth: int, width: int, progress:
     progress("measuring pass times for --budget auto (once for these settings; `specchat setup` does it too)")
     engine = pipeline.engine
     calibration = measure_calibration(engine.target, engine.draft, max_depth, width, progress=progress)
-    save_calibration(calibration_file(), key, calibration)
+    try:
+        save_calibration(calibration_file(), key, calibration)
+    except (OSError, SpecchatError) as exc:  # the measurement is still good for this run
+        reason = getattr(exc, "what", None) or getattr(exc, "strerror", None) or str(exc)
+        progress(f"cannot save the calibration to {calibration_file()} ({reason}); it is measured again next run")
+        return calibration
     progress(f"calibration saved to {calibration_file()}")
     return calibration
 

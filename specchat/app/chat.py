@@ -32,6 +32,10 @@ class Notice:
     text: str
 
 
+class ErrorLine(str):
+    """A line of a command's output that reports a failure (a terminal shows it on stderr)."""
+
+
 @dataclass
 class Totals:
     replies: int = 0
@@ -129,7 +133,7 @@ class ChatSession:
         try:
             return handler(argument)
         except InputError as exc:
-            return [exc.line()], False
+            return [ErrorLine(exc.line())], False
 
     def _cmd_help(self, _: str):
         return [
@@ -222,14 +226,19 @@ class ChatSession:
         from specchat.common.paths import state_dir
 
         path = Path(argument).expanduser() if argument else state_dir() / "sessions" / "last.json"
+        if argument and not path.parent.is_dir():  # as a shell would: the folder must be there
+            raise InputError(
+                f"cannot save the session to {path}: the folder {path.parent} does not exist",
+                "create it or choose another path; the conversation is still here",
+            )
         save_session(self, path)
         return [f"saved to {path}"], False
 
     def _cmd_load(self, argument: str):
         if not argument:
             return ["usage: /load PATH"], False
-        load_session(self, Path(argument).expanduser())
-        return [f"loaded {len(self.messages)} messages from {argument}"], False
+        notes = load_session(self, Path(argument).expanduser())
+        return [f"loaded {len(self.messages)} messages from {argument}", *notes], False
 
 
 # -- sessions on disk ---------------------------------------------------------------------
@@ -265,9 +274,10 @@ def _write_private(path: Path, text: str) -> None:
     atomic_write(path, text, mode=0o600)
 
 
-def _loaded_settings(session: ChatSession, saved: dict) -> GenerationConfig:
-    """The session's settings with the saved ones applied (a method this chat cannot run stays as it is)."""
-    settings = {SETTABLE[k]: v for k, v in saved.items() if k in SETTABLE}
+def _loaded_settings(session: ChatSession, saved: dict, keep: frozenset[str]) -> GenerationConfig:
+    """The session's settings with the saved ones applied, except those named in ``keep`` (set on
+    the command line, which wins) and a method this chat cannot run."""
+    settings = {SETTABLE[k]: v for k, v in saved.items() if k in SETTABLE and SETTABLE[k] not in keep}
     if settings.get("method", "ar") != "ar" and session.pipeline.engine.draft is None:
         del settings["method"]  # saved with a draft; this chat runs without one
     if settings.get("budget") == "auto":
@@ -275,8 +285,10 @@ def _loaded_settings(session: ChatSession, saved: dict) -> GenerationConfig:
     return replace(session.settings, **settings)
 
 
-def load_session(session: ChatSession, path: Path) -> None:
-    """Replace the conversation with a saved one; the current one is kept if the file is bad."""
+def load_session(session: ChatSession, path: Path, keep: frozenset[str] = frozenset()) -> list[str]:
+    """Replace the conversation with a saved one; the current one is kept if the file is bad.
+    The saved settings apply except those in ``keep`` (generation setting names).  Returns
+    notes to show: that it was saved with another model, which then continues it."""
     try:
         payload = json.loads(path.read_text())
         messages = payload["messages"]
@@ -284,7 +296,7 @@ def load_session(session: ChatSession, path: Path) -> None:
             isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
             for m in messages
         )
-        new_settings = _loaded_settings(session, payload.get("settings", {}))
+        new_settings = _loaded_settings(session, payload.get("settings", {}), keep)
         system = payload.get("system")
         if not ok or not (system is None or isinstance(system, str)):
             raise ValueError("unexpected structure")
@@ -295,3 +307,7 @@ def load_session(session: ChatSession, path: Path) -> None:
     session.messages = list(messages)
     session.system = system
     session.settings = new_settings
+    saved_with, running = payload.get("target"), session.pipeline.target_name
+    if isinstance(saved_with, str) and saved_with != running:
+        return [f"(saved with {saved_with}; {running} continues it: earlier replies are the other model's)"]
+    return []

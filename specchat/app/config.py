@@ -125,12 +125,19 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: bad value for {name}: {exc}") from exc
 
 
-def read_config_file(path: Path, explicit: bool) -> dict[str, Any]:
+def read_config_file(path: Path, explicit: bool, named_by: str = "--config") -> dict[str, Any]:
+    """The settings in the TOML file at ``path``; ``explicit``: the user named it (``named_by``
+    says where), so a missing file is an error rather than no settings."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} (from {named_by}) is a directory", f"give {named_by} the path of a .toml file")
     if not path.is_file():
         if explicit:
-            raise ConfigError(f"config file {path} does not exist", "check the --config path")
+            raise ConfigError(f"config file {path} does not exist", f"check the {named_by} path")
         return {}
-    text = path.read_text(errors="replace")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", f"check its permissions or the {named_by} path") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -165,9 +172,10 @@ def build_config(
     """Merge defaults < config file (unless ``use_file`` is False) < environment < flags (None flags are absent)."""
     environ = dict(os.environ) if environ is None else environ
     path = config_path or Path(environ.get("SPECCHAT_CONFIG") or default_path)
+    named_by = "--config" if config_path else "SPECCHAT_CONFIG" if environ.get("SPECCHAT_CONFIG") else "XDG_CONFIG_HOME"
     merged: dict[str, Any] = {}
     if use_file:
-        merged.update(read_config_file(path, explicit=config_path is not None or "SPECCHAT_CONFIG" in environ))
+        merged.update(read_config_file(path, explicit=named_by != "XDG_CONFIG_HOME", named_by=named_by))
     merged.update(read_environment(environ))
     merged.update({k: _coerce(k, v, "command line") for k, v in flags.items() if v is not None})
     return replace(RunConfig(), **merged) if merged else RunConfig()

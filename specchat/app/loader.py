@@ -12,10 +12,10 @@ from specchat.app.drafts import DraftChoice, choose_draft, int8_draft
 from specchat.common.paths import cache_dir
 from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
-from specchat.model.placement import Machine, OffloadPlan, free_memory, place_target, resolve_device
+from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
 from specchat.weights.lowbit import LOWBIT_BITS
-from specchat.model.target import load_target
+from specchat.model.target import load_target, target_ram_bytes
 from specchat.sources.facts import read_facts
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import Progress, materialize, parse_model_spec
@@ -74,6 +74,9 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     plan = place_target(
         target_facts, config.offload, config.quant, config.ram_budget, dtype, device, machine.memory, choice.load_bytes
     )
+    if config.budget is not None and config.method != "ar" and not plan.on_gpu:
+        left = machine.memory.ram_available - target_ram_bytes(target_facts, plan, dtype) - choice.load_bytes
+        check_tree(target_facts, config.budget, dtype, left)
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     progress(dtype_reason)
     store_root = config.store or cache_dir() / "stores"

@@ -112,7 +112,8 @@ def chat(
     from specchat.cli.chat import run_chat
 
     with error_boundary(debug):
-        run_chat(build_config(flags, config, config_file()), resume)
+        given = frozenset(name for name, value in flags.items() if value is not None)
+        run_chat(build_config(flags, config, config_file()), resume, given)
 
 
 @app.command()
@@ -239,11 +240,3 @@ def bench(
             calibrate=calibrate,
             full_growth=full_growth,
         )
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

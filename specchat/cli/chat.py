@@ -27,15 +27,18 @@ def _load(settings: RunConfig):
         return load(settings, progress)
 
 
-def run_chat(settings: RunConfig, resume: Path | None) -> None:
+def run_chat(settings: RunConfig, resume: Path | None, given: frozenset[str] = frozenset()) -> None:
+    """``given``: the settings named on the command line, which win over a resumed session's."""
     if resume is not None and not resume.is_file():  # before minutes of loading, not after
         raise InputError(f"session file {resume} does not exist", "give the path that /save printed")
     pipeline = _load(settings)
     stderr_progress(pipeline.draft_reason)
     session = ChatSession(pipeline, settings.generation(), system=settings.system)
     if resume is not None:
-        load_session(session, resume)
+        notes = load_session(session, resume, keep=frozenset(generation_names(given)))
         stderr_progress(f"resumed {len(session.messages)} messages from {resume}")
+        for note in notes:
+            stderr_progress(note)
     if sys.stdin.isatty():
         console = Console()
         console.print(f"specchat chat with {pipeline.target_name}; /help for commands, Ctrl-D to leave", style="dim")
@@ -43,4 +46,13 @@ def run_chat(settings: RunConfig, resume: Path | None) -> None:
     else:
         console = Console(file=sys.stdout, force_terminal=False, no_color=True, soft_wrap=True)
         reader = pipe_reader(sys.stdin)
-    Repl(session, console, reader).run()
+    Repl(session, console, reader, Console(stderr=True, highlight=False)).run()
+
+
+def generation_names(options: frozenset[str]) -> set[str]:
+    """The generation settings among these RunConfig names (both spell them alike)."""
+    from dataclasses import fields
+
+    from specchat import GenerationConfig
+
+    return set(options) & {f.name for f in fields(GenerationConfig)}

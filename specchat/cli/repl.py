@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from specchat import ChatSession, DoneEvent, Notice, SpecchatError, TextEvent
+from specchat.app.chat import ErrorLine
 
 COMMANDS = ["/help", "/reset", "/system", "/set", "/stats", "/save", "/load", "/exit"]
 BLOCK = '"""'
@@ -31,9 +32,12 @@ def status_line(stats) -> str:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, console: Console, read_line: Callable[[], str]) -> None:
+    def __init__(
+        self, session: ChatSession, console: Console, read_line: Callable[[], str], errors: Console | None = None
+    ) -> None:
         self.session = session
         self.console = console
+        self.errors = errors or console  # where error lines go (stderr, in the command)
         self.read_line = read_line  # raises EOFError at the end, KeyboardInterrupt on Ctrl-C
 
     def run(self) -> None:
@@ -55,7 +59,7 @@ class Repl:
             if text.startswith("/"):
                 lines, leave = self.session.command(text.strip())
                 for line in lines:
-                    self.console.print(line, markup=False, highlight=False)
+                    (self.errors if isinstance(line, ErrorLine) else self.console).print(line, markup=False, highlight=False)
                 if leave:
                     return
                 continue
@@ -90,7 +94,7 @@ class Repl:
             self.console.print("\n(interrupted)", style="dim", highlight=False)
         except SpecchatError as exc:
             events.close()
-            self.console.print(exc.line(), markup=False, highlight=False)
+            self.errors.print(exc.line(), markup=False, highlight=False)
 
     def _render_plain(self, events: Iterator) -> None:
         for event in events:

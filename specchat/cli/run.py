@@ -50,20 +50,26 @@ def run_oneshot(
             f"the prompt is {len(prompt_ids)} tokens long but {pipeline.target_name} holds {context}",
             "shorten the prompt",
         )
-    done = None
+    done, said = None, []
     try:
         for event in pipeline.engine.generate(prompt_ids, config.generation()):
-            if isinstance(event, TextEvent) and not as_json:
-                out.write(event.text)
-                out.flush()
+            if isinstance(event, TextEvent):
+                said.append(event)
+                if not as_json:
+                    out.write(event.text)
+                    out.flush()
             elif isinstance(event, DoneEvent):
                 done = event
     except EngineError as exc:
         raise InputError(str(exc), "see `specchat run --help`") from exc
     except KeyboardInterrupt:
-        if not as_json:
+        if as_json:  # what was said so far, as the same object
+            tokens = [t for event in said for t in event.token_ids]
+            stats = {"new_tokens": len(tokens), "finish_reason": "interrupted", "draft": pipeline.draft_summary}
+            out.write(json.dumps({"text": "".join(e.text for e in said), "tokens": tokens, "stats": stats}) + "\n")
+        else:
             out.write("\n")
-            out.flush()
+        out.flush()
         raise
     if as_json:
         stats = _json_stats(done.stats) | {"draft": pipeline.draft_summary}

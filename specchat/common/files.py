@@ -4,9 +4,12 @@ and checking the disk has room before a long write."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from specchat.common.errors import ResourceError
@@ -29,9 +32,37 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
         os.replace(temporary, path)
     except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and disk_full(exc):
             raise ResourceError(f"the disk filled up while writing {path}", "free some space and run again") from exc
         raise
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def build_lock(lock_file: Path, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Hold the exclusive lock of ``lock_file`` (``flock``; the file and its folder are created
+    if need be; a directory's is its :data:`LOCK` file) while building something, so that a
+    second process building the same thing waits, calling ``waiting`` once, and then finds
+    the work done.  The kernel drops the lock when its holder exits, however it exits."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed for want of space (an OSError, or a library's own error that
+    names the OS error, as safetensors' does)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
 
 
 def check_free_disk(directory: Path, needed: int, what: str, fix: str) -> None:

@@ -48,6 +48,9 @@ class EngineError(ValueError):
     """A request the engine cannot serve (empty prompt, context overflow, ...)."""
 
 
+MAX_SEED = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     method: str = "specexec"
@@ -69,6 +72,8 @@ class GenerationConfig:
             if value is not None and value < 1 or value is None and name in ("max_depth", "max_new_tokens"):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         SamplingParams(self.temperature, self.top_p)  # validates both
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (what torch's generator takes), got {self.seed}")
 
     @property
     def auto_budget(self) -> bool:

@@ -169,6 +169,37 @@ def check_ram(needed: int, available: int, what: str) -> None:
         )
 
 
+def tree_bytes(facts: ModelFacts, budget: int, dtype: torch.dtype) -> int:
+    """RAM one speculation pass over a tree of ``budget`` tokens takes beyond the weights, counted
+    generously.  Per tree token: its logits in the compute dtype, the target's and the draft's
+    float32 probabilities over the vocabulary V (V (w + 8) bytes, w = the dtype's width), the
+    MLP's activations (3 I w), its keys and values in every layer (2 L kv w); per pair of a
+    tree token and a context position (the context up to the model's length C): the
+    visibility mask and its additive form (1 + w bytes)."""
+    config, width = facts.config, torch.finfo(dtype).bits // 8
+    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1))
+    kv_width = int(getattr(config, "num_key_value_heads", heads)) * int(getattr(config, "head_dim", None) or hidden // heads)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
+    context = int(getattr(config, "max_position_embeddings", 4096))
+    per_token = vocab * (width + 8) + 3 * intermediate * width + 2 * facts.num_layers * kv_width * width + 8 * hidden * width
+    return budget * per_token + budget * (context + budget) * (1 + width)
+
+
+def check_tree(facts: ModelFacts, budget: int, dtype: torch.dtype, available: int) -> None:
+    """Refuse, before loading, a ``--budget`` whose tree the RAM left beside the models cannot hold."""
+    needed = tree_bytes(facts, budget, dtype)
+    if needed <= available:
+        return
+    fits = max((b for b in (2**i for i in range(16)) if tree_bytes(facts, b, dtype) <= available), default=0)
+    fix = f"use --budget {fits} or less, or --budget auto" if fits else "close other programs or pick a smaller model"
+    raise ResourceError(
+        f"--budget {budget} needs about {needed / 1e9:.1f} GB of RAM for its tree's logits and activations, "
+        f"{max(available, 0) / 1e9:.1f} GB are left beside the models",
+        fix,
+    )
+
+
 def check_vram(needed: int, free: int, device: torch.device, what: str) -> None:
     if needed > free:
         raise ResourceError(

@@ -11,17 +11,19 @@ a smaller sibling model does (SubSpec, arXiv 2509.18344, section 3).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from specchat.common.errors import CorruptModel, ResourceError
+from specchat.common.files import LOCK, build_lock
 from specchat.model.lm import LayeredLM, ResidentLayers
 from specchat.sources.facts import LAYER_PREFIX, ModelFacts
 from specchat.weights.layerfiles import LayerFiles
 from specchat.weights.store import store_dir_for
-from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer
+from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer, tune_int8
 
 SELF = "self"
 DEFAULT_SELF_KIND = "int8"
@@ -64,9 +66,27 @@ def build_self_draft(
     dtype = layer_dtype(target.dtype)
     files = LayerFiles(cache_dir, facts.path, facts.num_layers, {"kind": kind, "dtype": str(dtype)}) if cache_dir else None
     layers = _load_copy(files, facts, kind, dtype, progress) if files is not None and files.complete() else None
-    if layers is None:
-        layers = _build_copy(files, facts, kind, dtype, progress)
+    if layers is None and files is not None:
+        layers = _build_locked(files, facts, kind, dtype, progress)
+    elif layers is None:
+        layers = _build_copy(None, facts, kind, dtype, progress)
+    if kind == "int8":
+        tune_int8(layers, dtype)
     return target.with_layers(ResidentLayers(layers), dtype, shares_cache)
+
+
+def _build_locked(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module]:
+    """Build under the directory's lock (a second process waits, then loads what the first built);
+    a directory that cannot even be locked is a cache that cannot be kept."""
+    waiting = lambda: progress(f"waiting for another specchat process to finish building {files.path}")  # noqa: E731
+    with ExitStack() as held:
+        try:
+            held.enter_context(build_lock(files.path / LOCK, waiting))
+        except OSError as exc:
+            _not_kept(files, exc, progress)
+            return _build_copy(None, facts, kind, dtype, progress)
+        layers = _load_copy(files, facts, kind, dtype, progress) if files.complete() else None
+        return layers if layers is not None else _build_copy(files, facts, kind, dtype, progress)
 
 
 def _load_copy(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module] | None:

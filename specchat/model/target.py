@@ -24,7 +24,18 @@ def open_layer_store(facts: ModelFacts, plan: OffloadPlan, store_root: Path, pro
             progress(f"building the layer store: {done}/{total} layers")
 
     path = store_dir_for(store_root, facts.path, plan.store_dtype)
-    return build_store(facts.path, path, plan.store_dtype, report, dense_dtype=facts.stored_dtype)
+    return build_store(facts.path, path, plan.store_dtype, report, dense_dtype=facts.stored_dtype, notice=progress)
+
+
+def target_ram_bytes(facts: ModelFacts, plan: OffloadPlan, dtype) -> int:
+    """Host RAM the target takes where a CPU plan puts it: every weight when resident; else the
+    kept layers, embeddings and head, and the ring (RING read buffers and RING layer slots, or,
+    with no conversion, twice as many buffers that are the slots)."""
+    if plan.store_dtype is None:
+        return facts.total_bytes(dtype)
+    layer_bytes = facts.layer_bytes(dtype)
+    ring = RING * (plan.layer_file_bytes + layer_bytes) if plan.resident_layers < facts.num_layers else 0
+    return plan.resident_layers * layer_bytes + ring + facts.other_bytes(dtype)
 
 
 def load_target(
@@ -36,15 +47,10 @@ def load_target(
     if plan.on_gpu:
         return _load_on_gpu(facts, plan, machine, draft_bytes, lambda: open_layer_store(facts, plan, store_root, progress))
     dtype, memory = machine.dtype, machine.memory
-    layer_bytes = facts.layer_bytes(dtype)
     if plan.store_dtype is None:
-        check_ram(facts.total_bytes(dtype) + draft_bytes, memory.ram_available, "hold the models")
+        check_ram(target_ram_bytes(facts, plan, dtype) + draft_bytes, memory.ram_available, "hold the models")
         return load_resident(facts.path, dtype, facts=facts)
-    streamed = plan.resident_layers < facts.num_layers
-    # the ring: RING read buffers and RING layer slots (or, with no conversion, twice as many buffers that are the slots)
-    ring = RING * (plan.layer_file_bytes + layer_bytes) if streamed else 0
-    needed = plan.resident_layers * layer_bytes + ring + facts.other_bytes(dtype) + draft_bytes
-    check_ram(needed, memory.ram_available, "stream the target")
+    check_ram(target_ram_bytes(facts, plan, dtype) + draft_bytes, memory.ram_available, "stream the target")
     store = open_layer_store(facts, plan, store_root, progress)
     lm = load_streamed(store, dtype, resident_layers=plan.resident_layers)
     return LoadedModel(lm, load_tokenizer(facts.path), facts.path)

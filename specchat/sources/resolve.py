@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from specchat.common.errors import CorruptModel, IncompleteModel, ModelNotFound
-from specchat.common.files import atomic_write, check_free_disk
+from specchat.common.errors import CorruptModel, IncompleteModel, ModelNotFound, ResourceError
+from specchat.common.files import atomic_write, build_lock, check_free_disk, disk_full
 from specchat.common.paths import cache_dir
 from specchat.sources.registry import DEMO_ALIAS, DEMO_TARGET, ModelEntry, PartsSpec
 
@@ -86,11 +87,25 @@ def materialize(ref: ModelRef, progress: Progress = _quiet) -> Path:
         return check_hf_dir(ref.path)
     if ref.kind == "gguf":
         out_dir = _gguf_cache_dir(ref.path)  # named by the file's path, size and mtime
-        return convert_gguf(ref.path, out_dir, progress, source_id=out_dir.name)
+        with _converting(out_dir, out_dir.name, progress):
+            return convert_gguf(ref.path, out_dir, progress, source_id=out_dir.name)
     if ref.entry is not None and ref.entry.parts is not None:
-        gguf = assemble_parts(ref.entry.parts, cache_dir() / "files" / f"{ref.entry.name}.gguf", progress)
-        return convert_gguf(gguf, cache_dir() / "models" / ref.entry.name, progress, source_id=ref.entry.parts.sha256)
+        out_dir, sha = cache_dir() / "models" / ref.entry.name, ref.entry.parts.sha256
+        if _converted_from(out_dir / MARKER) == sha:  # done: the parts need not even be assembled
+            return out_dir
+        with _converting(out_dir, sha, progress):
+            gguf = assemble_parts(ref.entry.parts, cache_dir() / "files" / f"{ref.entry.name}.gguf", progress)
+            return convert_gguf(gguf, out_dir, progress, source_id=sha)
     return check_hf_dir(hub_snapshot(ref.hub_id))
+
+
+def _converting(out_dir: Path, source_id: str, progress: Progress):
+    """The lock that lets one process at a time make ``out_dir``; a finished conversion needs none
+    (so a read-only cache that holds it works)."""
+    if _converted_from(out_dir / MARKER) == source_id:
+        return nullcontext()
+    waiting = lambda: progress(f"waiting for another specchat process to finish preparing {out_dir.name}")  # noqa: E731
+    return build_lock(out_dir.with_name(f".{out_dir.name}.lock"), waiting)
 
 
 # -- local directories -----------------------------------------------------------------
@@ -257,6 +272,10 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress = _quiet, source_
         (partial / MARKER).write_text(json.dumps({"gguf": str(gguf), "bytes": stat.st_size, "source": source_id}) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)
+    except Exception as exc:
+        if disk_full(exc):  # safetensors' and transformers' writes report it in their own ways
+            raise ResourceError(f"the disk filled up while converting {gguf.name} into {out_dir}", "free some space and run again") from exc
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir

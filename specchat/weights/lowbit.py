@@ -4,7 +4,9 @@ Both kinds are weight-only (the activations stay in the compute dtype, so the on
 the weights' rounding) and run on torch's own CPU kernels:
 
 ``int8``  symmetric, one scale per output row: W = s q, q in -127..127, s = max|W_row| / 127;
-          ``torch._weight_int8pack_mm``.
+          ``torch._weight_int8pack_mm`` for narrow inputs; for wide ones (:attr:`Int8Linear.wide_rows`
+          rows and more) q is widened to the compute dtype and multiplied by the fast dense
+          kernel, y = (x q^T) s, since the row scale commutes with the product.
 ``int4``  asymmetric, one (scale, min) per group of :data:`INT4_GROUP` input columns:
           w = min + q * scale, q in 0..15; ``torch._weight_int4pack_mm_for_cpu``, which reads
           w = (q - 8) * scale + zero, so zero = min + 8 * scale.
@@ -14,12 +16,17 @@ benchmarks/lowbit_kernels.py): rounding only the weights keeps the draft's favou
 the target's at most positions, where torch.ao's dynamic int8 (which also rounds every
 activation row, per tensor) fell to 0.74.  The weight-only kernels are matrix-vector loops:
 8960x1536 at 1 row takes 0.49 ms (int8) and 0.37 ms (int4) against 1.00 ms in bf16, at 8 rows
-1.48 and 1.41 against 1.02, so a self draft pays with narrow draft steps.  torchao 0.18 was
+1.48 and 1.41 against 1.02: the int8 kernel's cost grows with the rows (5.7 ms at 32), where
+widening q to bf16 (1.0 ms) and the AMX product (1.2 ms) cost 2.6 ms at 32 rows and 3.2 at 64;
+:func:`tune_int8` measures where that crossover lies on the machine at hand.  torchao 0.18 was
 tried first: its int8 weight-only layer ran 2-13x slower than bf16 here and it no longer has a
 CPU int4 packing, so these call torch's kernels directly.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -76,8 +83,16 @@ class Int8Linear(LowBitLinear):
             out.bias = linear.bias.detach().clone()
         return out
 
-    def product(self, rows: torch.Tensor) -> torch.Tensor:
+    wide_rows = 1 << 30  # from this many input rows on, the widened product (set by tune_int8)
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:  # rows (N, in) -> (N, out)
+        if rows.shape[0] >= self.wide_rows:
+            return self.widened_product(rows)
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+
+    def widened_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """(x q^T) s with q in the compute dtype (exact: |q| <= 127 fits bf16 and half)."""
+        return torch.mm(rows, self.weight_int8.to(rows.dtype).T).mul_(self.scales)
 
 
 class Int4Linear(LowBitLinear):
@@ -115,6 +130,36 @@ def int4_group(in_features: int) -> int:
         if in_features % group == 0:
             return group
     raise ValueError(f"int4 needs layers whose input width is a multiple of 32, got {in_features}")
+
+
+def tune_int8(layers: list[nn.Module], dtype: torch.dtype, clock=time.perf_counter) -> int:
+    """Set every :class:`Int8Linear` in ``layers`` to widen from the smallest input width (of
+    2..64) at which the widened product beat the int8 kernel on their largest weight; returns it
+    (:attr:`Int8Linear.wide_rows`'s default when it never did)."""
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, Int8Linear)]
+    if not linears:
+        return Int8Linear.wide_rows
+    probe = max(linears, key=lambda m: m.in_features * m.out_features)
+    crossover = Int8Linear.wide_rows
+    for rows in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+        x = torch.randn(rows, probe.in_features).to(dtype)
+        narrow = _median_seconds(lambda: torch._weight_int8pack_mm(x, probe.weight_int8, probe.scales), clock)
+        if _median_seconds(lambda: probe.widened_product(x), clock) < narrow:
+            crossover = rows
+            break
+    for linear in linears:
+        linear.wide_rows = crossover
+    return crossover
+
+
+def _median_seconds(work, clock, repeats: int = 5) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        started = clock()
+        work()
+        times.append(clock() - started)
+    return statistics.median(times)
 
 
 _LINEARS = {"int8": Int8Linear, "int4": Int4Linear}

@@ -16,7 +16,9 @@ by its float32 block absmax (see :mod:`specchat.quant4`), so streaming moves
 A layer file is written as ``.partial`` and renamed once complete, so a build
 interrupted by Ctrl-C or a full disk resumes from the first missing layer and
 never trusts a half-written one.  Each layer's CRC-32 is in the manifest and is
-checked on the first read of the layer in a process.
+checked on the first read of the layer in a process; the resident file's is
+checked each time the store is opened for a load.  One process at a time builds
+a store (``.lock``, see :func:`specchat.common.files.build_lock`).
 
 A store remembers the weight files it was built from (name, size, mtime):
 ``building.json`` while it is written, the manifest once done.  A store, or a
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from specchat.common.errors import CorruptModel
-from specchat.common.files import atomic_write, check_free_disk
+from specchat.common.errors import CorruptModel, ResourceError
+from specchat.common.files import LOCK, atomic_write, build_lock, check_free_disk, disk_full
 from specchat.weights.quant4 import absmax_offset, nf4_bytes, quantizable, quantize_nf4
 
 ALIGN = 4096
@@ -139,27 +141,56 @@ def build_store(
     dtype: str = "float16",
     progress: Callable[[int, int], None] | None = None,
     dense_dtype: str = "float16",
+    notice: Callable[[str], None] = lambda message: None,
 ) -> Store:
     """Write (or finish writing) the store of the safetensors model in ``model_dir``.
 
     ``dtype`` is how the layer weights are kept; with ``nf4`` the tensors that
-    stay 16-bit (norms, biases, embeddings, head) use ``dense_dtype``.
+    stay 16-bit (norms, biases, embeddings, head) use ``dense_dtype``.  A finished
+    store is opened as it is (nothing is written: it may be read-only); one whose
+    resident file fails its checksum gets that file rewritten.  A second process
+    building the same store waits for the first and then uses what it built.
+    ``notice`` hears of both.
     """
-    sources = source_files(model_dir)
-    if (path / MANIFEST).is_file():
-        recorded = recorded_sources(path / MANIFEST)
-        if recorded is None or recorded == sources:  # None: built before stores recorded their sources
-            return open_store(path)
-        clear_directory(path)  # built from other weights
-    from safetensors import safe_open
-
     if dtype not in STORE_DTYPES:
         raise ValueError(f"store dtype must be one of {', '.join(STORE_DTYPES)}")
+    sources = source_files(model_dir)
+    if _finished(path, sources):
+        return open_store(path)
+    with build_lock(path / LOCK, lambda: notice(f"waiting for another specchat process to finish building {path}")):
+        if not _finished(path, sources):  # unless the process we waited for built it
+            _build(model_dir, path, dtype, progress, dense_dtype, sources, notice)
+    return open_store(path)
+
+
+def _finished(path: Path, sources: list[list]) -> bool:
+    """A manifest of these weights (or of unrecorded ones, from before stores recorded them)
+    whose resident file matches its checksum."""
+    if not (path / MANIFEST).is_file() or recorded_sources(path / MANIFEST) not in (None, sources):
+        return False
+    try:
+        expected = json.loads((path / MANIFEST).read_text()).get("resident_crc32")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected is not None and _file_crc32(path / RESIDENT) == expected
+
+
+def _build(model_dir: Path, path: Path, dtype: str, progress, dense_dtype: str, sources: list[list], notice) -> None:
+    from safetensors import safe_open
+
     four_bit = dtype == "nf4"
     target_dtype = TORCH_DTYPES[dense_dtype if four_bit else dtype]
     files = sorted(model_dir.glob("*.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {name: h for h in handles for name in h.keys()}
+    if (path / MANIFEST).is_file():
+        if recorded_sources(path / MANIFEST) in (None, sources):  # only the resident file is bad
+            older = "resident_crc32" not in json.loads((path / MANIFEST).read_text())
+            why = "has no checksum (a store from an older specchat)" if older else "is damaged (checksum mismatch)"
+            notice(f"{path / RESIDENT} {why}; writing it again from the checkpoint")
+            _rewrite_resident(path, where, target_dtype)
+            return
+        clear_directory(path)  # built from other weights
     config = json.loads((model_dir / "config.json").read_text())
     num_layers = int(config["num_hidden_layers"])
     prefix = "model.layers.{}."
@@ -169,12 +200,12 @@ def build_store(
         if name.startswith(prefix.format(0))
     ]
     layout, layer_bytes = store_layout(shapes, dtype, dense_dtype)
-    path.mkdir(parents=True, exist_ok=True)
     _start_build(path, sources)
     existing = sum(f.stat().st_size for f in path.glob("layer_*.bin"))
-    check_free_disk(path, layer_bytes * num_layers - existing, "for the layer store", "free some space or choose another --store")
+    needed = layer_bytes * num_layers - existing + _resident_bytes(where, target_dtype)
+    check_free_disk(path, needed, "for the layer store", "free some space or choose another --store")
     crcs = _write_layers(path, where, layout, layer_bytes, num_layers, target_dtype, progress)
-    _write_resident(path, where, target_dtype)
+    resident_crc = _write_resident(path, where, target_dtype)
     shutil.copy(model_dir / "config.json", path / "config.json")
     manifest = {
         "format": FORMAT,
@@ -185,11 +216,11 @@ def build_store(
         "layer_bytes": layer_bytes,
         "layout": [slot.__dict__ | {"shape": list(slot.shape)} for slot in layout],
         "crc32": crcs,
+        "resident_crc32": resident_crc,
         "source_files": sources,
     }
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
     (path / BUILDING).unlink(missing_ok=True)
-    return open_store(path)
 
 
 def _start_build(path: Path, sources: list[list]) -> None:
@@ -201,14 +232,52 @@ def _start_build(path: Path, sources: list[list]) -> None:
     atomic_write(path / BUILDING, json.dumps({"source_files": sources}))
 
 
-def _write_resident(path: Path, where: dict, dense: torch.dtype) -> None:
-    """The tensors outside the decoder layers (embeddings, final norm, head), in ``dense``."""
+def _resident_names(where: dict) -> list[str]:
+    return [name for name in where if not name.startswith("model.layers.")]
+
+
+def _resident_bytes(where: dict, dense: torch.dtype) -> int:
+    width = torch.finfo(dense).bits // 8
+    return sum(torch.Size(where[name].get_slice(name).get_shape()).numel() * width for name in _resident_names(where))
+
+
+def _write_resident(path: Path, where: dict, dense: torch.dtype) -> int:
+    """The tensors outside the decoder layers (embeddings, final norm, head), in ``dense``,
+    written whole and renamed; returns the file's CRC-32.  A full disk is a ResourceError."""
     from safetensors.torch import save_file
 
-    resident = {name: where[name].get_tensor(name).to(dense).contiguous() for name in where if not name.startswith("model.layers.")}
+    resident = {name: where[name].get_tensor(name).to(dense).contiguous() for name in _resident_names(where)}
     partial = path / (RESIDENT + ".partial")
-    save_file(resident, str(partial), metadata={"format": "pt"})
+    try:
+        save_file(resident, str(partial), metadata={"format": "pt"})
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+    except Exception as exc:  # safetensors reports a failed write as its own error, naming the OS error
+        partial.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise ResourceError(f"the disk filled up while writing {path / RESIDENT}", "free some space and run again") from exc
+        raise
     os.replace(partial, path / RESIDENT)
+    return _file_crc32(path / RESIDENT)
+
+
+def _rewrite_resident(path: Path, where: dict, dense: torch.dtype) -> None:
+    """A new resident file, and its checksum in the manifest, for a store whose file was damaged."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["resident_crc32"] = _write_resident(path, where, dense)
+    atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _file_crc32(file: Path, chunk: int = 1 << 24) -> int | None:
+    """CRC-32 of a file's bytes, read in chunks; None when it cannot be read."""
+    crc = 0
+    try:
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                crc = zlib.crc32(block, crc)
+    except OSError:
+        return None
+    return crc
 
 
 def _write_layers(
@@ -259,7 +328,7 @@ def clear_directory(path: Path) -> None:
     """Empty a store directory, the manifest first, so that an interrupted clear is never trusted."""
     (path / MANIFEST).unlink(missing_ok=True)
     for file in path.iterdir():
-        if file.is_file():
+        if file.is_file() and file.name != LOCK:  # a builder may hold it
             file.unlink()
 
 
