@@ -46,7 +46,7 @@ def run_chat(settings: RunConfig, resume: Path | None, given: frozenset[str] = f
     else:
         console = Console(file=sys.stdout, force_terminal=False, no_color=True, soft_wrap=True)
         reader = pipe_reader(sys.stdin)
-    Repl(session, console, reader, Console(stderr=True, highlight=False)).run()
+    Repl(session, console, reader, Console(stderr=True, highlight=False, soft_wrap=True)).run()
 
 
 def generation_names(options: frozenset[str]) -> set[str]:
