@@ -42,6 +42,7 @@ _EXPORTS = {
     # the events the engine yields
     "Event": "specchat.engine.events",
     "TextEvent": "specchat.engine.events",
+    "PrefillEvent": "specchat.engine.events",
     "DoneEvent": "specchat.engine.events",
     "GenerationStats": "specchat.engine.events",
     # a conversation

@@ -114,6 +114,12 @@ BAD_INPUTS = [
     ("draft-batch-word", ["--draft-batch", "many"], None, None, "bad value for draft_batch"),
     ("device-unknown", ["--device", "tpu"], None, None, "--device must be one of auto, cpu, cuda"),
     ("self-draft-kind", ["--draft", "self:int3"], None, None, "a self draft is one of self, self:int8, self:int4"),
+    ("seed-huge", ["--seed", "99999999999999999999999"], None, None, "seed must be a whole number from 0 to 9223372036854775807"),
+    ("seed-negative", ["--seed", "-1"], None, None, "seed must be a whole number from 0"),
+    ("budget-huge", ["--budget", "100000"], None, None, "--budget 100000 needs about"),
+    ("config-directory", ["--config", "/tmp"], None, None, "config file /tmp (from --config) is a directory"),
+    ("store-is-a-file", ["--offload", "ssd", "--store", "FILE"], None, None, "a part of the path is a file, not a directory"),
+    ("store-in-proc", ["--offload", "ssd", "--store", "/proc/specchat-store"], None, None, "cannot use /proc/specchat-store"),
     *([("device-cuda-absent", ["--device", "cuda"], None, None, "torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
 ]
 
@@ -131,6 +137,9 @@ def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, 
             weights.write_bytes(b"\xff" * 64)
         extra = [str(damaged) if a == "DAMAGED" else a for a in extra]
     extra = ["sea " * 600 if a == "LONG" else a for a in extra]
+    if "FILE" in extra:
+        (tmp_path / "a-file").write_text("x")
+        extra = [str(tmp_path / "a-file") if a == "FILE" else a for a in extra]
     args = base_args(tiny_dirs, "--max-new-tokens", "4")
     if "--model" in extra:
         args = ["run", "--max-new-tokens", "4"]
@@ -145,6 +154,15 @@ def test_bad_input_gives_one_error_line_and_a_nonzero_exit(tiny_dirs, tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_specchat_config_naming_no_file_is_one_line_naming_it(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECCHAT_CONFIG", str(tmp_path / "gone.toml"))
+    result = runner.invoke(app, base_args(tiny_dirs, "the sea"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: config file {tmp_path / 'gone.toml'} does not exist; check the SPECCHAT_CONFIG path"
+    ]
 
 
 def test_ctrl_c_during_run_flushes_the_partial_reply_and_exits_130(tiny_dirs, monkeypatch):

@@ -184,6 +184,25 @@ def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_regi
     assert "tiny-absent:" in line
 
 
+@pytest.mark.parametrize("offload", ["none", "ssd"])
+def test_draft_auto_takes_the_self_draft_where_the_target_streams_and_the_sibling_where_it_is_resident(
+    paired_registry, tmp_path, offload
+):
+    args = ["run", "--model", "tiny-target", "--draft", "auto", "--budget", "4", "--max-new-tokens", "5", "--json",
+            "--offload", offload, "--store", str(tmp_path / "stores"), "the sea"]
+    if offload == "ssd":
+        args += ["--ram-budget", "1000"]  # no layer stays resident
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
+    if offload == "ssd":
+        assert line.startswith("draft self:int8: the target streams 2 of its 2 layers from the disk every pass")
+        assert line.endswith("rather than tiny-draft")
+        assert json.loads(result.stdout)["stats"]["draft"]["name"] == "self:int8"
+    else:
+        assert line.startswith("draft tiny-draft: the first registered draft")
+
+
 def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):
     import specchat.app.drafts
 

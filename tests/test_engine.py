@@ -203,3 +203,17 @@ def test_an_int8_draft_changes_acceptance_never_the_output():
     reference, _ = run(Engine(target, original, CharTokenizer(), []), [1, 2, 3], budget=16, max_new_tokens=40, adaptive=False)
     # The exact copy's favourite is always taken, so its learned trees go deeper than the int8 copy's.
     assert done.stats.tokens_per_pass >= 0.6 * reference.stats.tokens_per_pass > 1.5
+
+
+def test_a_long_prefill_reports_its_progress_in_tenths_and_changes_nothing():
+    from specchat.engine.events import PrefillEvent
+
+    target, prompt = tiny_lm(0), [(7 * i) % 60 + 1 for i in range(200)]
+    events = list(Engine(target, tiny_lm(1), CharTokenizer(), [], prefill_chunk=16).generate(prompt, GenerationConfig(budget=4, max_new_tokens=6)))
+    progress = [e for e in events if isinstance(e, PrefillEvent)]
+    assert [e.total for e in progress] == [199] * len(progress) and progress[-1].done == 199
+    assert [10 * e.done // 199 for e in progress] == sorted(set(10 * e.done // 199 for e in progress))  # one per tenth
+    assert 5 <= len(progress) <= 10 and isinstance(events[-1], DoneEvent)
+    assert events[-1].token_ids == ar_tokens(target, prompt, 6)
+    short = list(Engine(target, None, CharTokenizer(), []).generate(prompt[:10], GenerationConfig(method="ar", max_new_tokens=2)))
+    assert not any(isinstance(e, PrefillEvent) for e in short)

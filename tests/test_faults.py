@@ -190,17 +190,160 @@ def test_ctrl_c_in_prefill_or_a_pass_exits_130_with_the_partial_json(tiny_dirs, 
     assert (payload["tokens"] == []) == (where == "prefill")
 
 
-@pytest.mark.parametrize("moment", ["import", "load"])
+@pytest.mark.parametrize("moment", [0.2, 0.6, 1.2, "load"])  # seconds into the imports, or once loading is said
 def test_ctrl_c_at_import_or_load_exits_130_with_one_line(tiny_dirs, tmp_path, moment):
     command = [sys.executable, "-m", "specchat", *base_args(tiny_dirs, "--budget", "4")]
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(PROMPT)
     process = subprocess.Popen(command, stdin=prompt.open(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if moment == "import":
-        time.sleep(0.3)
+    if moment != "load":
+        time.sleep(moment)
     else:
         assert process.stderr.readline().startswith("loading")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode in (130, -signal.SIGINT), stderr  # a Ctrl-C landing in the interpreter's exit kills it by SIGINT
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted" and stdout == ""
+
+
+# -- the parts, in-process ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number, where, fragments", [
+    (errno.EROFS, "cache", ["the file system is read-only", "set XDG_CACHE_HOME (or --store, for the stores)"]),
+    (errno.EACCES, "config", ["permission denied", "set XDG_CONFIG_HOME"]),
+    (errno.ENOTDIR, "elsewhere", ["a part of the path is a file, not a directory", "check the path"]),
+    (errno.ENOSPC, "elsewhere", ["the disk is full", "free some space"]),
+])
+def test_a_file_system_error_is_one_line_naming_the_path_and_the_setting(tmp_path, monkeypatch, number, where, fragments):
+    from specchat.cli.boundary import path_error_line
+    from specchat.common.paths import cache_dir, config_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = {"cache": cache_dir() / "stores", "config": config_file(), "elsewhere": tmp_path / "x" / "y"}[where]
+    line = path_error_line(OSError(number, os.strerror(number), str(path)))
+    assert line.startswith(f"error: cannot use {path}: ") and all(f in line for f in fragments)
+
+
+def test_a_damaged_resident_file_is_noticed_and_written_again(tiny_dirs, tmp_path):
+    from specchat.weights.store import RESIDENT, build_store
+
+    notes: list[str] = []
+    store = build_store(tiny_dirs["target"], tmp_path / "store", "float16")
+    resident = store.path / RESIDENT
+    good = resident.read_bytes()
+    resident.write_bytes(good[:200] + bytes(b ^ 0xFF for b in good[200:216]) + good[216:])  # a few flipped bytes
+    build_store(tiny_dirs["target"], store.path, "float16", notice=notes.append)
+    assert resident.read_bytes() == good
+    assert notes == [f"{resident} is damaged (checksum mismatch); writing it again from the checkpoint"]
+    build_store(tiny_dirs["target"], store.path, "float16", notice=notes.append)
+    assert len(notes) == 1  # a sound store is only read
+
+
+def test_a_second_builder_waits_for_the_lock_then_finds_the_store_built(tiny_dirs, tmp_path):
+    import threading
+
+    from specchat.common.files import LOCK, build_lock
+    from specchat.weights.store import build_store
+
+    path, notes, built = tmp_path / "store", [], []
+    with build_lock(path / LOCK):  # another process is building
+        worker = threading.Thread(target=lambda: built.append(build_store(tiny_dirs["target"], path, "float16", notice=notes.append)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and notes == [f"waiting for another specchat process to finish building {path}"]
+    worker.join(timeout=60)
+    assert built and built[0].num_layers == 2
+
+
+def test_auto_budget_never_picks_a_tree_the_ram_cannot_hold():
+    from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner
+
+    sizes = (1, 16, 64, 256, 1024)
+    calibration = Calibration({k: 1.0 for k in sizes}, {"specexec": {k: 0.01 for k in sizes}})  # big trees cost nothing
+    assert CostModelTuner(calibration, "specexec", 32).best() == 1024
+    tuner = CostModelTuner(calibration, "specexec", 32, largest=100)
+    assert tuner.best() == 64 and tuner.candidates[-1] == 64
+
+
+def test_the_tree_preflight_names_the_largest_budget_that_fits(tiny_dirs):
+    import torch
+
+    from specchat.common.errors import ResourceError
+    from specchat.model.placement import check_tree, largest_tree, tree_bytes
+    from specchat.sources.facts import read_facts
+
+    facts = read_facts(tiny_dirs["target"])
+    available = tree_bytes(facts, 64, torch.float32) + 1
+    assert largest_tree(facts, torch.float32, available) == 64
+    check_tree(facts, 64, torch.float32, available)
+    with pytest.raises(ResourceError) as refused:
+        check_tree(facts, 128, torch.float32, available)
+    assert refused.value.line().startswith("error: --budget 128 needs about ")
+    assert refused.value.line().endswith("; use --budget 64 or less, or --budget auto")
+
+
+def test_resume_keeps_the_flags_and_says_when_another_model_saved_the_session(tiny_dirs, tmp_path):
+    path = tmp_path / "s.json"
+    saved = runner.invoke(app, [*chat_args(tiny_dirs), "--max-new-tokens", "3"], input=f"the sea\n/set max_tokens 5\n/save {path}\n")
+    assert saved.exit_code == 0, saved.stderr
+    payload = json.loads(path.read_text())
+    payload["target"] = "another-model"
+    path.write_text(json.dumps(payload))
+    resumed = runner.invoke(app, [*chat_args(tiny_dirs), "--max-new-tokens", "2", "--resume", str(path)], input="/stats\n")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "max_tokens 2" in resumed.stdout  # the flag, not the saved 5
+    assert f"(saved with another-model; {tiny_dirs['target']} continues it" in resumed.stderr
+
+
+def test_save_into_a_missing_folder_is_refused_as_a_shell_would(tiny_dirs, tmp_path):
+    target = tmp_path / "no-such-dir" / "s.json"
+    result = runner.invoke(app, chat_args(tiny_dirs), input=f"the sea\n/save {target}\n")
+    assert result.exit_code == 0
+    assert one_clean_line(result.stderr) == (
+        f"error: cannot save the session to {target}: the folder {target.parent} does not exist; "
+        "create it or choose another path; the conversation is still here"
+    )
+    assert not target.parent.exists()
+
+
+@pytest.fixture
+def fake_gguf(tiny_dirs, tmp_path, monkeypatch):
+    """A ``.gguf`` file whose reading transformers is told to answer with the tiny target."""
+    import transformers
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        real = cls.from_pretrained
+
+        def from_pretrained(path, *args, _real=real, gguf_file=None, **kwargs):
+            return _real(tiny_dirs["target"] if gguf_file else path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return gguf
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+def test_a_model_conversion_that_cannot_finish_leaves_nothing_trusted(tiny_dirs, fake_gguf, monkeypatch, error):
+    args = ["run", "--model", str(fake_gguf), "--draft", "none", "--dtype", "float32", "--max-new-tokens", "4", "--json"]
+    models = Path(os.environ["XDG_CACHE_HOME"]) / "specchat" / "models"
+    with monkeypatch.context() as patch:
+        real = os.replace
+
+        def replace(src, dst, *rest, **kwargs):  # the converted folder's rename into place
+            if os.path.basename(str(dst)).startswith("gguf-tiny-"):
+                number, text = ERRORS[error]
+                raise OSError(number, text, str(dst))
+            return real(src, dst, *rest, **kwargs)
+
+        patch.setattr(os, "replace", replace)
+        faulty = runner.invoke(app, args, input=PROMPT)
+    assert faulty.exit_code == 2, faulty.stderr
+    line = one_clean_line(faulty.stderr)
+    assert ("the disk filled up while converting tiny.gguf" in line) if error == "full disk" else ("cannot use" in line)
+    assert [p.name for p in models.iterdir() if not p.name.startswith(".")] == []  # no folder to trust, no partial left
+    again = runner.invoke(app, args, input=PROMPT)
+    assert again.exit_code == 0, again.stderr
+    assert "converting tiny.gguf to safetensors" in again.stderr and len(json.loads(again.stdout)["tokens"]) == 4

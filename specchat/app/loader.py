@@ -12,7 +12,7 @@ from specchat.app.drafts import DraftChoice, choose_draft, int8_draft
 from specchat.common.paths import cache_dir
 from specchat.engine.engine import Engine
 from specchat.model.loading import LoadedModel, load_int8, load_resident
-from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, place_target, resolve_device
+from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, largest_tree, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
 from specchat.weights.lowbit import LOWBIT_BITS
 from specchat.model.target import load_target, target_ram_bytes
@@ -74,9 +74,9 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     plan = place_target(
         target_facts, config.offload, config.quant, config.ram_budget, dtype, device, machine.memory, choice.load_bytes
     )
+    ram_left = machine.memory.ram_available - target_ram_bytes(target_facts, plan, dtype) - choice.load_bytes
     if config.budget is not None and config.method != "ar" and not plan.on_gpu:
-        left = machine.memory.ram_available - target_ram_bytes(target_facts, plan, dtype) - choice.load_bytes
-        check_tree(target_facts, config.budget, dtype, left)
+        check_tree(target_facts, config.budget, dtype, ram_left)
     progress(f"loading {target_ref.display}" + (f" for {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     progress(dtype_reason)
     store_root = config.store or cache_dir() / "stores"
@@ -84,6 +84,8 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     progress(plan.reason)
     draft = _load_draft(choice, config, machine, target, store_root, progress)
     engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
+    if not plan.on_gpu:  # --budget auto never grows a tree the RAM cannot hold
+        engine.costs.largest_budget = max(largest_tree(target_facts, dtype, ram_left), 1)
     pipeline = Pipeline(
         engine, target, draft, target_ref.display, choice.name, choice.reason, plan, device, config, dtype,
         _draft_bits(choice, config, machine), choice.load_bytes,

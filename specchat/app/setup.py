@@ -124,7 +124,8 @@ def run_setup(model: str, settings: RunConfig, progress: Progress, confirm: Call
     write_config(config_file(), values, drop=SETUP_KEYS)
     progress(f"wrote {config_file()}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if draft_name is not None:
-        chosen = replace(settings, model=values["model"], draft=draft_name, offload=plan.mode, quant=quant)
+        # the draft as run will choose it (auto may take the self draft where the target streams)
+        chosen = replace(settings, model=values["model"], draft=values["draft"], offload=plan.mode, quant=quant)
         pipeline = load_pipeline(chosen, progress, calibrate=False)  # measured next, always afresh
         calibrate_for_setup(pipeline, chosen, progress)
 

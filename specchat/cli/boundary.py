@@ -29,6 +29,7 @@ def error_boundary(debug: bool = False) -> Iterator[None]:
 
 
 def _interrupted() -> None:
+    INTERRUPTS.handled()  # said here, once
     sys.stdout.flush()
     print("\ninterrupted", file=sys.stderr)
     raise typer.Exit(EXIT_INTERRUPTED) from None

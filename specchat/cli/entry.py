@@ -15,9 +15,15 @@ def main() -> None:
 
         app()
     except SystemExit:
-        raise
+        if not INTERRUPTS.pending:
+            raise
+        _interrupted()  # typer turned a Ctrl-C outside any command (while parsing) into a silent exit
     except BaseException as exc:  # only what escaped the commands' error boundary, e.g. during imports
         if not INTERRUPTS.caused(exc):
             raise
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted()
+
+
+def _interrupted() -> None:
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)

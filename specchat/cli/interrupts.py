@@ -1,38 +1,37 @@
 """Ctrl-C at any moment ends specchat with one line and exit status 130.
 
 Python turns SIGINT into ``KeyboardInterrupt`` wherever the main thread is; inside an import
-that may surface as another error (a half-imported module, a library re-raising as
-``ModuleNotFoundError``).  :class:`Interrupts` remembers when the last Ctrl-C came, so that
-the error boundary can tell an error caused by one from a real fault.
+that may be swallowed (by code that catches everything) and surface later as another error: a
+half-imported module, a library's ``ModuleNotFoundError``, and our own "cannot load the
+weights" on top of it.  :class:`Interrupts` remembers a Ctrl-C that nobody has handled yet,
+so that the error boundary can tell an error caused by one from a real fault.  Code that
+handles a Ctrl-C itself (the chat REPL stopping a reply) says so with :meth:`handled`.
 """
 
 from __future__ import annotations
 
 import signal
-import time
-from collections.abc import Callable
 
 EXIT_INTERRUPTED = 130
-AFTERMATH_S = 2.0  # an unexpected error this soon after a Ctrl-C is taken as its doing
 
 
 class Interrupts:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.last: float | None = None
+    def __init__(self) -> None:
+        self.pending = False  # a Ctrl-C came and no one has handled it
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self.on_sigint)
 
     def on_sigint(self, signum, frame) -> None:
-        self.last = self.clock()
+        self.pending = True
         raise KeyboardInterrupt
+
+    def handled(self) -> None:
+        self.pending = False
 
     def caused(self, error: BaseException) -> bool:
         """Whether ``error`` is, or came from, a Ctrl-C."""
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        return self.last is not None and self.clock() - self.last < AFTERMATH_S
+        return isinstance(error, KeyboardInterrupt) or self.pending
 
 
 INTERRUPTS = Interrupts()  # the process's one SIGINT handler, installed by the console script

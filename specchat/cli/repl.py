@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from specchat import ChatSession, DoneEvent, Notice, SpecchatError, TextEvent
+from specchat import ChatSession, DoneEvent, Notice, PrefillEvent, SpecchatError, TextEvent
 from specchat.app.chat import ErrorLine
+from specchat.cli.interrupts import INTERRUPTS
+from specchat.cli.views import prefill_line
 
 COMMANDS = ["/help", "/reset", "/system", "/set", "/stats", "/save", "/load", "/exit"]
 BLOCK = '"""'
@@ -48,6 +50,7 @@ class Repl:
             except EOFError:
                 return
             except KeyboardInterrupt:
+                INTERRUPTS.handled()
                 if armed:
                     return
                 armed = True
@@ -90,6 +93,7 @@ class Repl:
             else:
                 self._render_plain(events)
         except KeyboardInterrupt:
+            INTERRUPTS.handled()
             events.close()
             self.console.print("\n(interrupted)", style="dim", highlight=False)
         except SpecchatError as exc:
@@ -98,7 +102,9 @@ class Repl:
 
     def _render_plain(self, events: Iterator) -> None:
         for event in events:
-            if isinstance(event, Notice):
+            if isinstance(event, PrefillEvent):
+                self.errors.print(prefill_line(event), markup=False, highlight=False)
+            elif isinstance(event, Notice):
                 self.console.print(event.text, markup=False, highlight=False)
             elif isinstance(event, TextEvent):
                 self.console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
@@ -111,7 +117,9 @@ class Repl:
         text, live, done = "", None, None
         try:
             for event in events:
-                if isinstance(event, Notice):
+                if isinstance(event, PrefillEvent):
+                    self.errors.print(prefill_line(event), style="dim", highlight=False)
+                elif isinstance(event, Notice):
                     self.console.print(event.text, style="dim")
                 elif isinstance(event, TextEvent) and event.text:
                     text += event.text

@@ -6,7 +6,8 @@ import json
 import sys
 from typing import TextIO
 
-from specchat import DoneEvent, EngineError, InputError, RunConfig, TextEvent, load
+from specchat import DoneEvent, EngineError, InputError, PrefillEvent, RunConfig, TextEvent, load
+from specchat.cli.views import prefill_line
 
 
 def read_prompt(prompt: str | None, stdin: TextIO) -> str:
@@ -53,7 +54,9 @@ def run_oneshot(
     done, said = None, []
     try:
         for event in pipeline.engine.generate(prompt_ids, config.generation()):
-            if isinstance(event, TextEvent):
+            if isinstance(event, PrefillEvent):
+                progress(prefill_line(event))
+            elif isinstance(event, TextEvent):
                 said.append(event)
                 if not as_json:
                     out.write(event.text)

@@ -12,6 +12,11 @@ from rich.table import Table
 from specchat.bench.sweep import Row, physical_limit, ratios_to_ar
 
 
+def prefill_line(event) -> str:
+    """A :class:`PrefillEvent` as a progress line."""
+    return f"prefill: {event.done} of {event.total} prompt tokens ({100 * event.done // event.total}%)"
+
+
 def bench_table(rows: list[Row], out: TextIO, stream_bytes_per_s: float | None = None, stream_measured: str | None = None) -> None:
     ratios = ratios_to_ar(rows)
     table = Table(title="specchat bench", title_justify="left")

@@ -28,7 +28,7 @@ import torch
 from specchat.common.iostats import disk_read_bytes
 from specchat.engine.autobudget.costmodel import CostModelTuner
 from specchat.engine.autobudget.costs import PassCosts
-from specchat.engine.events import DoneEvent, Event, GenerationStats, TextEvent
+from specchat.engine.events import DoneEvent, Event, GenerationStats, PrefillEvent, TextEvent
 from specchat.engine.textstream import TextStream
 from specchat.model.lm import LanguageModel, causal_visibility
 from specchat.model.kvcache import SharedPrefixCache
@@ -124,10 +124,12 @@ class Engine:
         clock: Callable[[], float] = time.perf_counter,
         speculators: Mapping[str, Speculator] = SPECULATORS,
         greedy_agreement: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         self.eos_token_ids = frozenset(eos_token_ids)
         self.costs = costs if costs is not None else PassCosts()
         self.clock = clock  # seconds; every duration the engine reports or weighs is read from it
@@ -148,7 +150,7 @@ class Engine:
         start_time, start_bytes = self.clock(), disk_read_bytes()
         generator = torch.Generator().manual_seed(config.seed if config.seed is not None else random.getrandbits(63))
         try:
-            prefill_tokens = self._sync(list(prompt_ids))
+            prefill_tokens = yield from self._sync(list(prompt_ids))
             prefill_s = self.clock() - start_time
             decode_start_bytes = disk_read_bytes()
             max_new = min(config.max_new_tokens, self.target.max_context - len(self.tokens) - config.max_depth - 1)
@@ -299,8 +301,9 @@ class Engine:
             if cache is not None:
                 cache.crop(min(cache.length, limit))
 
-    def _sync(self, prompt: list[int]) -> int:
-        """Make ``prompt`` the conversation, reusing the common cached prefix; returns tokens prefilled."""
+    def _sync(self, prompt: list[int]) -> Iterator[PrefillEvent]:
+        """Make ``prompt`` the conversation, reusing the common cached prefix; yields the target's
+        prefill progress for a long prompt and returns the tokens prefilled."""
         common = 0
         for old, new in zip(self.tokens, prompt):
             if old != new:
@@ -311,20 +314,27 @@ class Engine:
         for cache in (self.target_cache, self.draft_cache):
             if cache is not None:
                 cache.crop(min(cache.length, limit))
-        prefilled = self._prefill(self.target, self.target_cache)
+        prefilled = yield from self._prefill(self.target, self.target_cache)
         if self.draft is not None:
-            self._prefill(self.draft, self.draft_cache)
+            for _ in self._prefill(self.draft, self.draft_cache):
+                pass
         return prefilled
 
-    def _prefill(self, model: LanguageModel, cache) -> int:
-        """Feed ``tokens[cache.length : -1]`` in chunks; the root stays pending."""
-        todo = len(self.tokens) - 1 - cache.length
+    def _prefill(self, model: LanguageModel, cache) -> Iterator[PrefillEvent]:
+        """Feed ``tokens[cache.length : -1]`` in chunks (the root stays pending), yielding progress
+        after each tenth of a prompt longer than one chunk; returns the tokens fed."""
+        todo, tenth = len(self.tokens) - 1 - cache.length, 0
+        first = cache.length
         while cache.length < len(self.tokens) - 1:
             start = cache.length
-            end = min(start + PREFILL_CHUNK, len(self.tokens) - 1)
+            end = min(start + self.prefill_chunk, len(self.tokens) - 1)
             ids = torch.tensor(self.tokens[start:end])
             visible = causal_visibility(start, end - start)
             model.forward(ids, torch.arange(start, end), visible, cache, logit_rows=torch.tensor([end - start - 1]))
+            done = end - first
+            if todo > self.prefill_chunk and 10 * done // todo > tenth:
+                tenth = 10 * done // todo
+                yield PrefillEvent(done, todo)
         return todo
 
     def _check_request(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:

@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
+class PrefillEvent:
+    """Progress through a long prompt's prefill (more than one chunk): after each tenth of it."""
+
+    done: int  # prompt tokens prefilled so far
+    total: int  # prompt tokens this request prefills
+
+
+@dataclass(frozen=True)
 class TextEvent:
     """New text and the token ids that produced it, after one target pass."""
 
@@ -46,4 +54,4 @@ class DoneEvent:
     stats: GenerationStats
 
 
-Event = TextEvent | DoneEvent
+Event = PrefillEvent | TextEvent | DoneEvent

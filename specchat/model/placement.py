@@ -186,12 +186,17 @@ def tree_bytes(facts: ModelFacts, budget: int, dtype: torch.dtype) -> int:
     return budget * per_token + budget * (context + budget) * (1 + width)
 
 
+def largest_tree(facts: ModelFacts, dtype: torch.dtype, available: int) -> int:
+    """The largest power-of-two budget (up to 2^15) whose tree fits ``available`` bytes; 0 if none."""
+    return max((b for b in (2**i for i in range(16)) if tree_bytes(facts, b, dtype) <= available), default=0)
+
+
 def check_tree(facts: ModelFacts, budget: int, dtype: torch.dtype, available: int) -> None:
     """Refuse, before loading, a ``--budget`` whose tree the RAM left beside the models cannot hold."""
     needed = tree_bytes(facts, budget, dtype)
     if needed <= available:
         return
-    fits = max((b for b in (2**i for i in range(16)) if tree_bytes(facts, b, dtype) <= available), default=0)
+    fits = largest_tree(facts, dtype, available)
     fix = f"use --budget {fits} or less, or --budget auto" if fits else "close other programs or pick a smaller model"
     raise ResourceError(
         f"--budget {budget} needs about {needed / 1e9:.1f} GB of RAM for its tree's logits and activations, "

@@ -155,9 +155,11 @@ class CostModelTuner:
     """Chooses the budget K with the highest predicted tokens/s; learns from every pass."""
 
     def __init__(
-        self, calibration: Calibration, method: str, max_depth: int, initial: int | None = None, prior_beta: float = PRIOR_BETA
+        self, calibration: Calibration, method: str, max_depth: int, initial: int | None = None, prior_beta: float = PRIOR_BETA,
+        largest: int = CANDIDATES[-1],
     ) -> None:
         self.calibration = calibration
+        self.candidates = tuple(k for k in CANDIDATES if k <= largest) or CANDIDATES[:1]  # what the RAM can hold
         self.method = method
         self.max_depth = max_depth
         self.beta = prior_beta
@@ -182,7 +184,7 @@ class CostModelTuner:
         return self.expected_tokens(k) / max(self.predicted_seconds(k), 1e-9)
 
     def best(self) -> int:
-        return max(CANDIDATES, key=lambda k: (self.throughput(k), -k))
+        return max(self.candidates, key=lambda k: (self.throughput(k), -k))
 
     def _measured(self, k: int) -> bool:
         return len(self._passes.get(k, ())) >= MEASURED_PASSES
@@ -193,7 +195,7 @@ class CostModelTuner:
         best = self.best()
         if self._measured(best):
             for neighbour in (best // 2, best * 2):
-                if neighbour in CANDIDATES and not self._measured(neighbour):
+                if neighbour in self.candidates and not self._measured(neighbour):
                     if self.throughput(neighbour) >= EXPLORE_MARGIN * self.throughput(best):
                         return neighbour
         return best
@@ -224,7 +226,7 @@ class CostModelTuner:
 
     def explain(self) -> str:
         k = self.current
-        second = max((c for c in CANDIDATES if c != k), key=self.throughput)
+        second = max((c for c in self.candidates if c != k), key=self.throughput, default=k)
         return (
             f"K={k}: predicted {self.throughput(k):.2f} tok/s = {self.expected_tokens(k):.2f} tok/pass / "
             f"({self.draft_ratio * self.calibration.draft(self.method, k):.2f} s draft + "

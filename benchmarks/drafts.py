@@ -1,0 +1,96 @@
+"""The self draft against the sibling draft in one run: one loaded target, one engine per draft,
+every configuration interleaved prompt by prompt (so a slow minute hurts both drafts alike).
+
+    .venv/bin/python benchmarks/drafts.py --n 6 --offload ssd --ram-budget 770MB --budgets 16,32 \
+        --log benchmarks/results/drafts_ssd_n6_t0.jsonl
+
+Runs AR once per prompt, then SpecExec with each draft at each budget (greedy unless
+``--temperature``), each from empty caches; `--draft-batch auto` on each engine's own measured
+calibration.  Prints one table; every run is appended to ``--log`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from specchat import RunConfig
+from specchat.app.config import parse_size
+from specchat.app.loader import load_pipeline
+from specchat.bench.sweep import BenchConfig, Row, load_prompts, run_bench
+from specchat.engine.autobudget.costs import PassCosts
+from specchat.engine.engine import Engine
+from specchat.model.loading import load_int8
+from specchat.sources.registry import load_registry
+from specchat.sources.resolve import materialize, parse_model_spec
+
+
+class Pipeline:
+    """What run_bench needs of a pipeline: an engine and the chat encoding."""
+
+    def __init__(self, engine: Engine, encode_chat) -> None:
+        self.engine, self.encode_chat = engine, encode_chat
+
+
+def engines(args) -> tuple[dict[str, Pipeline], object]:
+    """One pipeline per draft over the same loaded target (the self draft's, which loads first)."""
+    config = RunConfig(model="demo", draft=args.self_draft, offload=args.offload, budget=16,
+                       ram_budget=parse_size(args.ram_budget) if args.ram_budget else None)
+    loaded = load_pipeline(config, print, calibrate=False)
+    target = loaded.engine.target
+    sibling = load_int8(materialize(parse_model_spec(args.sibling, load_registry()), print)).lm
+    out = {args.self_draft: Pipeline(loaded.engine, loaded.encode_chat)}
+    out[args.sibling] = Pipeline(Engine(target, sibling, loaded.engine.tokenizer, loaded.engine.eos_token_ids, costs=PassCosts()),
+                                 loaded.encode_chat)
+    for name, pipeline in out.items():
+        started = time.perf_counter()
+        pipeline.engine.costs = PassCosts()  # measured on this engine's own draft (no saved calibration)
+        pipeline.engine.costs.ensure(target, pipeline.engine.draft, config.max_depth, 8)
+        print(f"{name}: calibrated in {time.perf_counter() - started:.0f} s", flush=True)
+    return out, loaded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--offload", default="ssd")
+    parser.add_argument("--ram-budget", default="770MB")
+    parser.add_argument("--budgets", default="16,32")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--self-draft", default="self:int8")
+    parser.add_argument("--sibling", default="demo-0.5b")
+    parser.add_argument("--log", type=Path)
+    args = parser.parse_args()
+    pipelines, loaded = engines(args)
+    prompts = load_prompts(None, args.n)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    base = loaded.config.generation()
+    rows: dict[tuple[str, str, int], Row] = {}
+    log = args.log.open("a") if args.log else None
+    for index in range(len(prompts)):
+        skip = frozenset(i for i in range(len(prompts)) if i != index)
+        for name, pipeline in pipelines.items():
+            methods = ("ar", "specexec") if name == args.self_draft else ("specexec",)
+            bench = BenchConfig(prompts, methods, budgets, (args.temperature,), 0.9, args.max_new_tokens, 0)
+            for row in run_bench(pipeline, bench, base, lambda record: None, skip):
+                key = ("-" if row.method == "ar" else name, row.method, row.budget)
+                rows.setdefault(key, Row(row.method, row.budget, row.temperature)).runs += row.runs
+                if log:
+                    stats = row.runs[-1]
+                    log.write(json.dumps({"prompt": index, "draft": key[0], "method": row.method, "budget": row.budget,
+                                          "stats": stats.to_dict()}) + "\n")
+                    log.flush()
+        print(f"prompt {index + 1}/{len(prompts)} done", flush=True)
+    ar = rows[("-", "ar", 0)].tokens_per_s
+    sibling_best = max(r.tokens_per_s for (draft, _, _), r in rows.items() if draft == args.sibling)
+    print(f"{'draft':12} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
+    for (draft, method, budget), row in rows.items():
+        print(f"{draft:12} {budget or '-':>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
+              f"{row.tokens_per_s / sibling_best:14.2f}x {row.per_pass('target_s'):13.2f} {row.per_pass('draft_s'):12.2f}")
+
+
+if __name__ == "__main__":
+    main()
