@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specchat.app.config import RunConfig
-from specchat.common.errors import SpecchatError
+from specchat.common.errors import SpecchatError, reason
 from specchat.common.paths import config_file
 from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner, calibrated_choices, load_calibration, save_calibration
 from specchat.engine.autobudget.measure import measure_calibration
@@ -44,8 +44,7 @@ def _measure(pipeline: Pipeline, key: str, max_depth: int, width: int, progress:
     try:
         save_calibration(calibration_file(), key, calibration)
     except (OSError, SpecchatError) as exc:  # the measurement is still good for this run
-        reason = getattr(exc, "what", None) or getattr(exc, "strerror", None) or str(exc)
-        progress(f"cannot save the calibration to {calibration_file()} ({reason}); it is measured again next run")
+        progress(f"cannot save the calibration to {calibration_file()} ({reason(exc)}); it is measured again next run")
         return calibration
     progress(f"calibration saved to {calibration_file()}")
     return calibration

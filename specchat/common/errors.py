@@ -41,3 +41,9 @@ class InputError(SpecchatError):
 
 class ResourceError(SpecchatError):
     pass
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, in a few words, for a warning that lets the run go on: a SpecchatError's
+    ``what``, an OSError's ``strerror``, else the message."""
+    return getattr(exc, "what", None) or getattr(exc, "strerror", None) or str(exc)

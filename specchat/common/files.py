@@ -41,17 +41,18 @@ LOCK = ".lock"
 
 
 @contextmanager
-def build_lock(lock_file: Path, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+def build_lock(lock_file: Path, notice: Callable[[str], None] = lambda message: None, what: str = "") -> Iterator[None]:
     """Hold the exclusive lock of ``lock_file`` (``flock``; the file and its folder are created
     if need be; a directory's is its :data:`LOCK` file) while building something, so that a
-    second process building the same thing waits, calling ``waiting`` once, and then finds
-    the work done.  The kernel drops the lock when its holder exits, however it exits."""
+    second process building the same thing waits, telling ``notice`` once that it waits for
+    ``what`` ("building DIR"), and then finds the work done.  The kernel drops the lock when
+    its holder exits, however it exits."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            waiting()
+            notice(f"waiting for another specchat process to finish {what}")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from specchat.common.errors import CorruptModel, ResourceError
+from specchat.common.errors import CorruptModel, ResourceError, reason
 from specchat.common.files import LOCK, build_lock
 from specchat.model.lm import LayeredLM, ResidentLayers
 from specchat.sources.facts import LAYER_PREFIX, ModelFacts
@@ -78,10 +78,9 @@ def build_self_draft(
 def _build_locked(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module]:
     """Build under the directory's lock (a second process waits, then loads what the first built);
     a directory that cannot even be locked is a cache that cannot be kept."""
-    waiting = lambda: progress(f"waiting for another specchat process to finish building {files.path}")  # noqa: E731
     with ExitStack() as held:
         try:
-            held.enter_context(build_lock(files.path / LOCK, waiting))
+            held.enter_context(build_lock(files.path / LOCK, progress, f"building {files.path}"))
         except OSError as exc:
             _not_kept(files, exc, progress)
             return _build_copy(None, facts, kind, dtype, progress)
@@ -149,8 +148,7 @@ def _save(files: LayerFiles | None, index: int, layer: nn.Module, progress) -> L
 
 
 def _not_kept(files: LayerFiles, exc: Exception, progress) -> None:
-    reason = getattr(exc, "what", None) or getattr(exc, "strerror", None) or str(exc)
-    progress(f"cannot keep the self draft in {files.path} ({reason}); it is built again each run")
+    progress(f"cannot keep the self draft in {files.path} ({reason(exc)}); it is built again each run")
 
 
 def _layer_maker(facts: ModelFacts) -> Callable[[int, dict], nn.Module]:

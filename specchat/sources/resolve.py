@@ -104,8 +104,7 @@ def _converting(out_dir: Path, source_id: str, progress: Progress):
     (so a read-only cache that holds it works)."""
     if _converted_from(out_dir / MARKER) == source_id:
         return nullcontext()
-    waiting = lambda: progress(f"waiting for another specchat process to finish preparing {out_dir.name}")  # noqa: E731
-    return build_lock(out_dir.with_name(f".{out_dir.name}.lock"), waiting)
+    return build_lock(out_dir.with_name(f".{out_dir.name}.lock"), progress, f"preparing {out_dir.name}")
 
 
 # -- local directories -----------------------------------------------------------------

@@ -157,7 +157,7 @@ def build_store(
     sources = source_files(model_dir)
     if _finished(path, sources):
         return open_store(path)
-    with build_lock(path / LOCK, lambda: notice(f"waiting for another specchat process to finish building {path}")):
+    with build_lock(path / LOCK, notice, f"building {path}"):
         if not _finished(path, sources):  # unless the process we waited for built it
             _build(model_dir, path, dtype, progress, dense_dtype, sources, notice)
     return open_store(path)
