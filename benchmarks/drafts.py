@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=6)
     parser.add_argument("--offload", default="ssd")
     parser.add_argument("--ram-budget", default="770MB")
-    parser.add_argument("--budgets", default="16,32")
+    parser.add_argument("--budgets", default="16,32", help="comma-separated; auto for --budget auto")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--self-draft", default="self:int8")
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     pipelines, loaded = engines(args)
     prompts = load_prompts(None, args.n)
-    budgets = tuple(int(b) for b in args.budgets.split(","))
+    budgets = tuple(None if b == "auto" else int(b) for b in args.budgets.split(","))
     base = loaded.config.generation()
     rows: dict[tuple[str, str, int], Row] = {}
     log = args.log.open("a") if args.log else None
@@ -88,7 +88,7 @@ def main() -> None:
     sibling_best = max(r.tokens_per_s for (draft, _, _), r in rows.items() if draft == args.sibling)
     print(f"{'draft':12} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
     for (draft, method, budget), row in rows.items():
-        print(f"{draft:12} {budget or '-':>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
+        print(f"{draft:12} {'-' if budget == 0 else budget or 'auto':>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
               f"{row.tokens_per_s / sibling_best:14.2f}x {row.per_pass('target_s'):13.2f} {row.per_pass('draft_s'):12.2f}")
 
 

@@ -1,5 +1,6 @@
 """The draft made from the target itself: shared tensors, low-bit layers, exact speculation."""
 
+import itertools
 import json
 
 import pytest
@@ -96,7 +97,7 @@ def test_the_self_draft_agrees_with_the_target(tiny_target, kind):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_speculation_with_the_self_draft_is_exact_and_accepts_as_the_target_itself_would(tiny_target, tiny_dirs, kind, method):
     """Greedy output == plain decoding; tokens per pass close to the target drafting for itself
-    (every draft token accepted) and above an unrelated draft's."""
+    (every draft token accepted) and well above an unrelated draft's."""
     target, facts = tiny_target
     prompt, config = [3, 9, 27, 14], GenerationConfig(method=method, budget=16, max_new_tokens=48)
     plain = list(Engine(target.lm, None, CharTokenizer(), []).generate(prompt, GenerationConfig(method="ar", max_new_tokens=48)))
@@ -104,10 +105,13 @@ def test_speculation_with_the_self_draft_is_exact_and_accepts_as_the_target_itse
     for name, draft in [
         ("self", build_self_draft(target.lm, facts, kind)), ("target", target.lm), ("other", load_resident(tiny_dirs["draft"]).lm)
     ]:
-        done = list(Engine(target.lm, draft, CharTokenizer(), []).generate(prompt, config))[-1]
+        ticks = itertools.count(0.0, 0.1)  # every timed span lasts 0.1 s: the adaptive stop decides alike under any load
+        done = list(Engine(target.lm, draft, CharTokenizer(), [], clock=ticks.__next__).generate(prompt, config))[-1]
         assert done.token_ids == plain[-1].token_ids
         per_pass[name] = done.stats.tokens_per_pass
-    assert per_pass["self"] >= 0.9 * per_pass["target"] and per_pass["self"] > per_pass["other"], per_pass
+    # With every span 0.1 s the stop rule keeps trees small (a draft step costs a target pass),
+    # so int4's rounding shows: 3.43 tokens a pass against the target's own 4.0 here.
+    assert per_pass["self"] >= 0.8 * per_pass["target"] and per_pass["self"] > 2 * per_pass["other"], per_pass
 
 
 def test_run_with_the_self_draft_prints_the_greedy_reply(tiny_dirs):
