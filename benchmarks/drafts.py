@@ -52,6 +52,11 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
     return out, loaded
 
 
+def budget_label(budget: int | None) -> str:
+    """0 is AR's (no tree), None is --budget auto."""
+    return "-" if budget == 0 else "auto" if budget is None else str(budget)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6)
@@ -88,7 +93,7 @@ def main() -> None:
     sibling_best = max(r.tokens_per_s for (draft, _, _), r in rows.items() if draft == args.sibling)
     print(f"{'draft':12} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
     for (draft, method, budget), row in rows.items():
-        print(f"{draft:12} {'-' if budget == 0 else budget or 'auto':>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
+        print(f"{draft:12} {budget_label(budget):>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
               f"{row.tokens_per_s / sibling_best:14.2f}x {row.per_pass('target_s'):13.2f} {row.per_pass('draft_s'):12.2f}")
 
 

@@ -20,7 +20,7 @@ from specchat.engine.engine import DEFAULT_DRAFT_BATCH, Engine, GenerationConfig
 from specchat.speculation.growth import Growth, choose_width
 from specchat.speculation.speculator import SpecExec
 
-from tiny import CharTokenizer, tiny_lm
+from tiny import CharTokenizer, TickingClock, tiny_lm
 
 
 def log_tokens(k: int) -> float:
@@ -170,13 +170,6 @@ def test_auto_width_keeps_greedy_output_exact_and_follows_the_step_costs(draft_s
         width = choose_width(probs, costs)
         chosen.append(width[0])
         return width
-
-    class TickingClock:  # every timed span lasts 0.1 s: the adaptive stop decides the same on any machine
-        now = 0.0
-
-        def __call__(self) -> float:
-            self.now += 0.1
-            return self.now
 
     speculators = {"specexec": SpecExec(choose_width=spy)}
     engine = Engine(target, draft, CharTokenizer(), [], costs=PassCosts(calibration), clock=TickingClock(), speculators=speculators)

@@ -1,6 +1,5 @@
 """The draft made from the target itself: shared tensors, low-bit layers, exact speculation."""
 
-import itertools
 import json
 
 import pytest
@@ -15,7 +14,7 @@ from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
 from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer, tune_int8
-from tiny import CharTokenizer
+from tiny import CharTokenizer, TickingClock
 
 runner = CliRunner()
 
@@ -105,8 +104,7 @@ def test_speculation_with_the_self_draft_is_exact_and_accepts_as_the_target_itse
     for name, draft in [
         ("self", build_self_draft(target.lm, facts, kind)), ("target", target.lm), ("other", load_resident(tiny_dirs["draft"]).lm)
     ]:
-        ticks = itertools.count(0.0, 0.1)  # every timed span lasts 0.1 s: the adaptive stop decides alike under any load
-        done = list(Engine(target.lm, draft, CharTokenizer(), [], clock=ticks.__next__).generate(prompt, config))[-1]
+        done = list(Engine(target.lm, draft, CharTokenizer(), [], clock=TickingClock()).generate(prompt, config))[-1]
         assert done.token_ids == plain[-1].token_ids
         per_pass[name] = done.stats.tokens_per_pass
     # With every span 0.1 s the stop rule keeps trees small (a draft step costs a target pass),

@@ -43,3 +43,15 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(0x41 + (i % 58)) for i in ids if not (skip_special_tokens and i == 0))
+
+
+class TickingClock:
+    """An engine clock on which every timed span lasts 0.1 s: SpecExec's adaptive stop then
+    decides the same on any machine, under any load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.1
+        return self.now
