@@ -1,22 +1,36 @@
-"""RSS after each of N chat turns on the demo pair (a short probe of the soak's slow RSS growth).
+"""RSS, speed and live objects after each of N chat turns on the demo pair (a short probe of the
+soak's slow RSS growth).
 
     .venv/bin/python benchmarks/rss_turns.py --turns 30
     ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 .venv/bin/python benchmarks/rss_turns.py --turns 30
+    MALLOC_ARENA_MAX=2 .venv/bin/python benchmarks/rss_turns.py --turns 30
 
-Resets the conversation every 4th turn, as a user starting over would; prints the oneDNN
-primitive-cache capacity it ran under (unset = oneDNN's default of 1024 kernels, each shape of
-a matrix product one entry), the RSS after turn 5 and after the last turn, and every turn's RSS.
+Resets the conversation every 4th turn, as a user starting over would.  Prints the environment
+it ran under (oneDNN's primitive-cache capacity: unset = its default of 1024 kernels, each shape
+of a matrix product one entry; glibc's arena cap), the RSS after turn 5 and after the last turn,
+the median tokens/s over turns 5 on, and per turn: RSS MB, tokens/s, live Python objects
+and live torch tensors (after a gc), so a growth can be told apart from held objects.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import statistics
+import time
 
 import psutil
+import torch
 
-from specchat import ChatSession, RunConfig, load
+from specchat import ChatSession, DoneEvent, RunConfig, load
 from specchat.bench.sweep import load_prompts
+
+ENVIRONMENT = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
+
+
+def live_tensors() -> int:
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
 
 
 def main() -> None:
@@ -26,17 +40,21 @@ def main() -> None:
     args = parser.parse_args()
     pipeline = load(RunConfig(model="demo", max_new_tokens=args.max_new_tokens), lambda message: None)
     session = ChatSession(pipeline, pipeline.config.generation())
-    prompts, process, rss_mb = load_prompts(None, 80), psutil.Process(), []
+    prompts, process, rows = load_prompts(None, 80), psutil.Process(), []
     for index in range(args.turns):
-        for _ in session.reply(prompts[index % len(prompts)]):
-            pass
+        started = time.perf_counter()
+        done = [e for e in session.reply(prompts[index % len(prompts)]) if isinstance(e, DoneEvent)][-1]
+        speed = done.stats.new_tokens / (time.perf_counter() - started)
         if index % 4 == 3:
             session.command("/reset")
-        rss_mb.append(round(process.memory_info().rss / 2**20))
-    after_warmup = rss_mb[min(4, len(rss_mb) - 1)]
-    print(f"ONEDNN_PRIMITIVE_CACHE_CAPACITY={os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'unset')}: "
-          f"RSS {after_warmup} MB after turn 5, {rss_mb[-1]} MB after turn {len(rss_mb)} "
-          f"(+{rss_mb[-1] - after_warmup} MB); per turn: {rss_mb}")
+        gc.collect()
+        rows.append((round(process.memory_info().rss / 2**20), round(speed, 2), len(gc.get_objects()), live_tensors()))
+    warm = min(4, len(rows) - 1)
+    environment = " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ENVIRONMENT)
+    print(f"{environment}: RSS {rows[warm][0]} MB after turn 5, {rows[-1][0]} MB after turn {len(rows)} "
+          f"(+{rows[-1][0] - rows[warm][0]} MB); median {statistics.median(r[1] for r in rows[warm:]):.2f} tok/s; "
+          f"objects {rows[warm][2]} -> {rows[-1][2]}, tensors {rows[warm][3]} -> {rows[-1][3]}")
+    print("  per turn (RSS MB, tok/s, objects, tensors):", rows)
 
 
 if __name__ == "__main__":

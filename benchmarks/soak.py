@@ -119,6 +119,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
             index += 1
     result = summary(records, args.warmup)
+    result["environment"] = {name: os.environ.get(name, "unset") for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_ARENA_MAX")}
     result["rss_mb_after_malloc_trim"] = trimmed_rss_mb(process)  # what of the growth is the allocator's
     print(json.dumps(result, indent=1))
 

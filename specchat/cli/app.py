@@ -117,6 +117,26 @@ def chat(
 
 
 @app.command()
+@_with_setting_options(*RUN_SETTINGS)
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on; 0 takes any free one.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SPECCHAT_API_KEY", help="Answer only requests with Authorization: Bearer <key> (or set SPECCHAT_API_KEY).")] = None,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Requests that may wait while one is answered; more get HTTP 429.")] = 8,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+    **flags,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions), one request at a time."""
+    from specchat.cli.serve import serve_command
+    from specchat.server.config import ServeConfig
+
+    with error_boundary(debug):
+        listen = ServeConfig(host=host, port=port, api_key=api_key, queue_size=queue_size)
+        serve_command(build_config(flags, config, config_file()), listen)
+
+
+@app.command()
 def detect(
     store: StoreOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the facts and advice as JSON.")] = False,

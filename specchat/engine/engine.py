@@ -144,7 +144,7 @@ class Engine:
     # -- public ------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Event]:
         """Continue ``prompt_ids`` (the whole conversation so far); yield events."""
-        self._check_request(prompt_ids, config)
+        self.check_request(prompt_ids, config)
         # Before the clock starts: a first --budget auto request may have to calibrate.
         tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
         start_time, start_bytes = self.clock(), disk_read_bytes()
@@ -180,6 +180,7 @@ class Engine:
                 decode_read_bytes=disk_read_bytes() - decode_start_bytes,
                 finish_reason=request.finish,
                 tree_nodes=request.tree_nodes,
+                prompt_tokens=len(prompt_ids),
             )
             yield DoneEvent(stream.text, tuple(request.new_ids), stats)
         finally:
@@ -337,7 +338,8 @@ class Engine:
                 yield PrefillEvent(done, todo)
         return todo
 
-    def _check_request(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+    def check_request(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+        """Raise :class:`EngineError` for a request :meth:`generate` cannot serve (it checks, too)."""
         if len(prompt_ids) == 0:
             raise EngineError("the prompt is empty")
         if config.method != "ar" and self.draft is None:

@@ -42,6 +42,7 @@ class GenerationStats:
     decode_read_bytes: int  # of which after the prefill: the streamed target's passes
     finish_reason: str  # "eos" | "length" | "stop" | "interrupted"
     tree_nodes: int = 0  # tree nodes the target verified over all passes, roots excluded (0 in logs that did not record it)
+    prompt_tokens: int = 0  # the whole prompt, cached prefix included (0 in logs that did not record it)
 
     def to_dict(self) -> dict:
         return asdict(self)
