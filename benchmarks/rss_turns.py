@@ -8,8 +8,9 @@ soak's slow RSS growth).
 Resets the conversation every 4th turn, as a user starting over would.  Prints the environment
 it ran under (oneDNN's primitive-cache capacity: unset = its default of 1024 kernels, each shape
 of a matrix product one entry; glibc's arena cap), the RSS after turn 5 and after the last turn,
-the median tokens/s over turns 5 on, and per turn: RSS MB, tokens/s, live Python objects
-and live torch tensors (after a gc), so a growth can be told apart from held objects.
+the median tokens/s over turns 5 on, and per turn: RSS MB, tokens/s, live Python objects,
+live torch tensors (after a gc) and the KV caches' buffers, so a growth can be told apart from
+held objects.
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ def main() -> None:
         if index % 4 == 3:
             session.command("/reset")
         gc.collect()
-        rows.append((round(process.memory_info().rss / 2**20), round(speed, 2), len(gc.get_objects()), live_tensors()))
+        caches = [c for c in (pipeline.engine.target_cache, pipeline.engine.draft_cache) if c is not None]
+        rows.append((round(process.memory_info().rss / 2**20), round(speed, 2), len(gc.get_objects()), live_tensors(),
+                     round(sum(c.nbytes() for c in caches) / 2**20, 1)))
     warm = min(4, len(rows) - 1)
     environment = " ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ENVIRONMENT)
     print(f"{environment}: RSS {rows[warm][0]} MB after turn 5, {rows[-1][0]} MB after turn {len(rows)} "
           f"(+{rows[-1][0] - rows[warm][0]} MB); median {statistics.median(r[1] for r in rows[warm:]):.2f} tok/s; "
           f"objects {rows[warm][2]} -> {rows[-1][2]}, tensors {rows[warm][3]} -> {rows[-1][3]}")
-    print("  per turn (RSS MB, tok/s, objects, tensors):", rows)
+    print("  per turn (RSS MB, tok/s, objects, tensors, KV cache MB):", rows)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def turn(session: ChatSession, index: int, text: str, args, scratch: Path) -> di
         done = [e for e in session.reply(text) if isinstance(e, DoneEvent)][-1]
         record["tokens"] = done.stats.new_tokens
         record["tokens_per_pass"] = round(done.stats.tokens_per_pass, 2)
+        record["prompt_tokens"] = done.stats.prompt_tokens  # the conversation's length: per-pass memory grows with it
     record["wall_s"] = round(time.perf_counter() - started, 2)
     record["tokens_per_s"] = round(record["tokens"] / max(record["wall_s"], 1e-9), 2)
     return record
@@ -111,7 +112,9 @@ def main() -> None:
                 record = turn(session, index, prompts[index % len(prompts)], args, Path(scratch))
             except Exception as exc:  # a failure is what the soak is looking for: record it, go on
                 record = {"turn": index, "kind": "failed", "error": repr(exc), "trace": traceback.format_exc(), "tokens_per_s": 0}
+            caches = [c for c in (pipeline.engine.target_cache, pipeline.engine.draft_cache) if c is not None]
             record |= {"rss_mb": round(process.memory_info().rss / 2**20, 1), "fds": open_descriptors(),
+                       "kv_mb": round(sum(c.nbytes() for c in caches) / 2**20, 1),
                        "elapsed_s": round(60 * args.minutes - (deadline - time.monotonic()), 1)}
             records.append(record)
             log.write(json.dumps(record) + "\n")

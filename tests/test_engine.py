@@ -119,6 +119,19 @@ def test_a_changed_history_rolls_the_caches_back_to_the_common_prefix():
     assert done.token_ids == ar_tokens(target, [1, 2, 9, 9], 8)
 
 
+def test_a_new_conversation_or_a_reset_frees_the_buffers_the_last_one_grew():
+    target, draft = tiny_lm(0), tiny_lm(1)
+    engine = Engine(target, draft, CharTokenizer(), [])
+    run(engine, list(range(1, 61)) * 6, max_new_tokens=8)  # 360 tokens: past the first 256 slots
+    grown = engine.target_cache.nbytes()
+    done, _ = run(engine, [7, 8, 9], max_new_tokens=8)  # shares nothing with it
+    assert engine.target_cache.nbytes() < grown and done.token_ids == ar_tokens(target, [7, 8, 9], 8)
+    engine.reset()
+    assert engine.target_cache.nbytes() == engine.draft_cache.nbytes() == 0 and engine.tokens == []
+    again, _ = run(engine, [7, 8, 9], max_new_tokens=8)
+    assert again.token_ids == done.token_ids
+
+
 def test_generation_stops_at_eos_and_at_max_new_tokens():
     target = tiny_lm(0)
     expected = ar_tokens(target, [1, 2, 3], 30)

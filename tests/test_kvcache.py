@@ -24,6 +24,16 @@ def test_update_returns_all_valid_slots_and_grows_capacity():
     assert values[0, 0, :, 0].tolist() == [-1, -2, -3, -4, -5]
 
 
+def test_reset_frees_the_buffers_and_the_cache_fills_again():
+    cache = KVCache(num_layers=2, initial_capacity=2)
+    _fill(cache, [1, 2, 3])
+    assert cache.nbytes() > 0
+    cache.reset()
+    assert (cache.length, cache.nbytes()) == (0, 0)
+    _fill(cache, [4, 5])
+    assert _keys(cache, 1) == [4, 5]
+
+
 def test_keep_moves_accepted_slots_behind_the_prefix_in_every_layer():
     cache = KVCache(num_layers=2)
     _fill(cache, [10, 11, 12, 20, 21, 22, 23])  # prefix of 3, then a 4-node tree

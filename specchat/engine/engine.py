@@ -192,8 +192,11 @@ class Engine:
         return self.costs.tuner(config.method, config.temperature, config.top_p, config.max_depth)
 
     def reset(self) -> None:
+        """Forget the conversation and free the caches' buffers."""
         self.tokens = []
-        self._repair()
+        for cache in (self.target_cache, self.draft_cache):
+            if cache is not None:
+                cache.reset()
 
     def _new_draft_cache(self, draft: LanguageModel | None):
         """The draft's own cache; for a draft that can attend to the target's keys and values (one
@@ -310,8 +313,10 @@ class Engine:
             if old != new:
                 break
             common += 1
-        self.tokens = prompt
         limit = min(common, len(prompt) - 1)
+        if limit == 0:
+            self.reset()  # nothing to reuse: free buffers sized for the last conversation
+        self.tokens = prompt
         for cache in (self.target_cache, self.draft_cache):
             if cache is not None:
                 cache.crop(min(cache.length, limit))

@@ -78,7 +78,11 @@ class KVCache:
             self._lengths[layer] = new_length
 
     def reset(self) -> None:
-        self.crop(0)
+        """Forget everything and free the buffers: their capacity is the longest conversation
+        seen, which a new one should not keep holding."""
+        self._keys = [None] * self.num_layers
+        self._values = [None] * self.num_layers
+        self._lengths = [0] * self.num_layers
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._keys + self._values if t is not None)
@@ -165,7 +169,7 @@ class SharedPrefixCache:
         self.tail.crop(0)
 
     def reset(self) -> None:
-        self.crop(0)
+        self.tail.reset()
 
     def nbytes(self) -> int:
         return self.tail.nbytes()
