@@ -26,7 +26,7 @@ from starlette.routing import Route
 from specchat.engine.events import DoneEvent, TextEvent
 from specchat.server.config import ServeConfig
 from specchat.server.protocol import Reply, RequestError, error_body, parse_chat_request
-from specchat.server.service import FINISHED, STARTED, ChatService, Job
+from specchat.server.service import FINISHED, STARTED, ChatService, Job, Stopping
 
 log = logging.getLogger("specchat.server")
 
@@ -35,6 +35,8 @@ STOP_GRACE_S = 4.0  # on a stop, how long a stream has to end with its error lin
 
 
 def create_app(service: ChatService, settings: ServeConfig, clock: Callable[[], float] = time.time) -> Starlette:
+    api = _Api(service, settings, clock)
+
     @asynccontextmanager
     async def lifespan(app: Starlette):
         worker = asyncio.create_task(service.work())
@@ -44,51 +46,62 @@ def create_app(service: ChatService, settings: ServeConfig, clock: Callable[[], 
             service.stop()
             worker.cancel()
 
-    @_answered
-    async def chat_completions(request: Request):
-        _authorize(request, settings.api_key)
-        chat = parse_chat_request(await _body(request, settings.max_body_bytes))
-        job = service.job_for(chat, f"{request.client.host if request.client else '-'} chat completion")
-        service.submit(job)
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", _answered(api.chat_completions), methods=["POST"]),
+            Route("/v1/models", _answered(api.models), methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+
+
+class _Api:
+    """The endpoints over one service."""
+
+    def __init__(self, service: ChatService, settings: ServeConfig, clock: Callable[[], float]) -> None:
+        self.service, self.settings, self.clock = service, settings, clock
+        self.started = int(clock())
+
+    async def chat_completions(self, request: Request):
+        _authorize(request, self.settings.api_key)
+        chat = parse_chat_request(await _body(request, self.settings.max_body_bytes))
+        job = self.service.job_for(chat, f"{request.client.host if request.client else '-'} chat completion")
+        self.service.submit(job)
         if await _next(job, request) is not STARTED:
-            job.abandon()
-            return JSONResponse({}, status_code=499)  # the client left while it waited: nobody reads this
-        reply = Reply.new(int(clock()), service.model)
+            return _gone(job)
+        reply = Reply.new(int(self.clock()), self.service.model)
         if chat.stream:
             return EventSourceResponse(_chunks(job, reply, chat.include_usage), ping=15, shutdown_grace_period=STOP_GRACE_S)
         done = None
         while (item := await _next(job, request)) is not FINISHED:
             if item is None:
-                job.abandon()
-                return JSONResponse({}, status_code=499)
+                return _gone(job)
             if isinstance(item, DoneEvent):
                 done = item
+        if done is None:  # (the worker always sends the reply or raises; this keeps a bug from a bare 500)
+            raise Stopping()
         _log_done(job, done)
         return JSONResponse(reply.completion(done.text, done.stats))
 
-    @_answered
-    async def models(request: Request):
-        _authorize(request, settings.api_key)
-        return JSONResponse({"object": "list", "data": [
-            {"id": service.model, "object": "model", "created": int(started), "owned_by": "specchat"}
-        ]})
+    async def models(self, request: Request):
+        _authorize(request, self.settings.api_key)
+        model = {"id": self.service.model, "object": "model", "created": self.started, "owned_by": "specchat"}
+        return JSONResponse({"object": "list", "data": [model]})
 
-    async def health(request: Request):
+    async def health(self, request: Request):
+        service = self.service
         return JSONResponse({
             "status": "stopping" if service.stopping else "ok", "model": service.model,
             "busy": service.running is not None, "waiting": service.queue.qsize(),
         })
 
-    started = clock()
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-        ],
-        exception_handlers={HTTPException: _http_error},
-        lifespan=lifespan,
-    )
+
+def _gone(job: Job) -> JSONResponse:
+    """The client left while its request waited: stop it; nobody reads this answer."""
+    job.abandon()
+    return JSONResponse({}, status_code=499)
 
 
 async def _chunks(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
