@@ -71,6 +71,23 @@ def test_ssd_mode_reads_the_streamed_layers_every_pass(model_dir, tmp_path):
         assert abs((disk_read_bytes() - before) - expected) <= 0.1 * expected
 
 
+def test_a_long_prefill_reads_each_streamed_layer_once_and_fills_the_cache_as_a_resident_forward(model_dir, tmp_path):
+    store = build_store(model_dir, tmp_path / "store", "float32")
+    streamed, resident = load_streamed(store, resident_layers=1), load_resident(model_dir).lm
+    ids = torch.tensor([(5 * i) % 60 + 1 for i in range(50)])
+    logits(streamed, [1, 2])  # first pass also verifies checksums
+    requested, cache = streamed.bytes_read(), streamed.new_cache()
+    shares = list(streamed.prefill(ids[:40], 0, cache, chunk=8))  # 5 chunks of 8 through 4 layers
+    assert streamed.bytes_read() - requested == 3 * store.layer_bytes  # one read of each of the 3 streamed layers
+    assert shares == [step / 20 for step in range(1, 21)]
+    fresh = resident.new_cache()
+    resident.forward(ids[:40], torch.arange(40), causal_visibility(0, 40), fresh)
+    for layer in range(4):
+        assert torch.allclose(cache._keys[layer][:, :, :40], fresh._keys[layer][:, :, :40], atol=1e-5)
+    rest = streamed.forward(ids[40:], torch.arange(40, 50), causal_visibility(40, 10), cache)
+    assert torch.allclose(rest, logits(resident, ids.tolist())[40:], atol=1e-5)
+
+
 def test_store_build_resumes_and_never_trusts_a_half_written_store(model_dir, tmp_path):
     path = tmp_path / "store"
     store = build_store(model_dir, path, "float16")

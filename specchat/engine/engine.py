@@ -41,7 +41,7 @@ from specchat.speculation.verify import target_tree_logits
 
 METHODS = (*SPECULATORS, "ar")
 DEFAULT_DRAFT_BATCH = 8  # nodes per draft step when the width is fixed (or auto has no step costs yet)
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward, to bound activation memory
+PREFILL_CHUNK = 512  # prompt tokens per layer call in a prefill, to bound activation memory
 
 
 class EngineError(ValueError):
@@ -129,7 +129,7 @@ class Engine:
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
-        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
+        self.prefill_chunk = prefill_chunk  # prompt tokens per layer call in a prefill
         self.eos_token_ids = frozenset(eos_token_ids)
         self.costs = costs if costs is not None else PassCosts()
         self.clock = clock  # seconds; every duration the engine reports or weighs is read from it
@@ -327,20 +327,24 @@ class Engine:
         return prefilled
 
     def _prefill(self, model: LanguageModel, cache) -> Iterator[PrefillEvent]:
-        """Feed ``tokens[cache.length : -1]`` in chunks (the root stays pending), yielding progress
-        after each tenth of a prompt longer than one chunk; returns the tokens fed."""
-        todo, tenth = len(self.tokens) - 1 - cache.length, 0
-        first = cache.length
-        while cache.length < len(self.tokens) - 1:
-            start = cache.length
-            end = min(start + self.prefill_chunk, len(self.tokens) - 1)
-            ids = torch.tensor(self.tokens[start:end])
-            visible = causal_visibility(start, end - start)
-            model.forward(ids, torch.arange(start, end), visible, cache, logit_rows=torch.tensor([end - start - 1]))
-            done = end - first
-            if todo > self.prefill_chunk and 10 * done // todo > tenth:
-                tenth = 10 * done // todo
-                yield PrefillEvent(done, todo)
+        """Feed ``tokens[cache.length : -1]`` (the root stays pending); returns the tokens fed.
+
+        A prompt of one chunk is one forward.  A longer one goes layer by layer, each layer
+        over every chunk (:meth:`LayeredLM.prefill`: a streamed model reads each layer once, not
+        once per chunk), with progress after each tenth of the work."""
+        first, todo = cache.length, len(self.tokens) - 1 - cache.length
+        if todo <= 0:
+            return 0
+        ids = torch.tensor(self.tokens[first:-1])
+        if todo <= self.prefill_chunk:
+            visible = causal_visibility(first, todo)
+            model.forward(ids, torch.arange(first, first + todo), visible, cache, logit_rows=torch.tensor([todo - 1]))
+            return todo
+        tenth = 0
+        for share in model.prefill(ids, first, cache, self.prefill_chunk):
+            if int(10 * share) > tenth:
+                tenth = int(10 * share)
+                yield PrefillEvent(round(todo * share), todo)
         return todo
 
     def check_request(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 class PrefillEvent:
     """Progress through a long prompt's prefill (more than one chunk): after each tenth of it."""
 
-    done: int  # prompt tokens prefilled so far
+    done: int  # the share of the prefill done, in prompt tokens (it runs layer by layer: done/total of every layer's work)
     total: int  # prompt tokens this request prefills
 
 

@@ -41,6 +41,8 @@ class LanguageModel(Protocol):
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor: ...  # as LayeredLM.forward
 
+    def prefill(self, input_ids: torch.Tensor, start: int, cache: KVCache, chunk: int) -> Iterator[float]: ...  # as LayeredLM.prefill
+
 
 class LayerSource(Protocol):
     """Yields the decoder layers in order, ready to call, once per forward."""
@@ -163,20 +165,9 @@ class LayeredLM:
         pos = positions.to(self.device)[None]  # (1, T)
         hidden = self.embed_tokens(ids).to(self.layer_dtype)  # (1, T, hidden)
         cos_sin = self.rotary_emb(hidden, pos)  # 2 x (1, T, head_dim)
-        # Additive mask (1, 1, T, S): 0 where visible, the dtype's minimum elsewhere.
-        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=self.device)
-        mask.masked_fill_(~visible.to(self.device), torch.finfo(hidden.dtype).min)
-        mask = mask[None, None]
+        mask = self._additive_mask(visible.to(self.device), hidden.dtype)  # (1, 1, T, S)
         for layer in self.layer_source.layers():
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                position_embeddings=cos_sin,
-                **{_cache_keyword(type(layer)): cache},
-            )
-            hidden = out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
+            hidden = self._through(layer, hidden, mask, pos, cos_sin, cache)  # (1, T, hidden)
         hidden = hidden[0].to(self.dtype)  # (T, hidden)
         if logit_rows is not None:
             hidden = hidden.index_select(0, logit_rows.to(self.device))
@@ -184,6 +175,46 @@ class LayeredLM:
         # On the host: sampling, seeds and tree bookkeeping run on the CPU whatever computed the logits
         # (a (256, 152k) float32 block is ~155 MB, ~10 ms over PCIe, small beside a streamed pass).
         return self.lm_head(hidden).float().cpu()  # (R, vocab)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, start: int, cache: KVCache, chunk: int) -> Iterator[float]:
+        """Feed T prompt tokens at positions [start, start + T) into ``cache``, layer by layer: every
+        chunk of ``chunk`` tokens goes through a layer before the next layer is fetched, so a
+        streamed model reads each layer once for the whole prompt (token by token in chunks
+        it would read every layer once per chunk).  Computes no logits.  Yields the share done
+        after each chunk of each layer.
+
+        A chunk at layer l attends to the cache of layer l, which then holds the prompt's earlier
+        chunks: the same keys, values and outputs as chunk after chunk through all layers.
+        """
+        n_new = input_ids.shape[0]
+        ids = input_ids.to(self.device)[None]  # (1, T)
+        pos = torch.arange(start, start + n_new, device=self.device)[None]  # (1, T)
+        hidden = self.embed_tokens(ids).to(self.layer_dtype)  # (1, T, hidden): each layer overwrites it chunk by chunk
+        cos, sin = self.rotary_emb(hidden, pos)  # 2 x (1, T, head_dim)
+        spans = [(a, min(a + chunk, n_new)) for a in range(0, n_new, chunk)]
+        steps = len(spans) * self.num_layers
+        for index, layer in enumerate(self.layer_source.layers()):
+            for number, (a, b) in enumerate(spans, 1):
+                mask = self._additive_mask(causal_visibility(start + a, b - a, self.device), hidden.dtype)  # (1, 1, b-a, start+b)
+                part = (cos[:, a:b], sin[:, a:b])
+                hidden[:, a:b] = self._through(layer, hidden[:, a:b], mask, pos[:, a:b], part, cache)
+                yield (index * len(spans) + number) / steps
+
+    @staticmethod
+    def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(T, S) bool -> (1, 1, T, S): 0 where visible, the dtype's minimum elsewhere."""
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def _through(self, layer: nn.Module, hidden, mask, pos, cos_sin, cache) -> torch.Tensor:
+        """One decoder layer over (1, T, hidden), appending its keys and values to ``cache``."""
+        out = layer(
+            hidden, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=cos_sin,
+            **{_cache_keyword(type(layer)): cache},
+        )
+        return out[0] if isinstance(out, tuple) else out  # (1, T, hidden)
 
     def prefetch(self) -> None:
         """A hint that a forward is coming: a streamed layer source starts fetching its first layers."""

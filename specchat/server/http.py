@@ -150,7 +150,7 @@ def _authorize(request: Request, key: str | None) -> None:
 
 async def _body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body is larger than the server's limit of {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

@@ -120,12 +120,24 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     for name, (asked, why) in _UNSUPPORTED.items():
         if body.get(name) is not None and asked(body[name]):
             raise RequestError(400, f"{name} is not supported: {why}", name, "unsupported_parameter")
+    _refuse_non_text_parts(body.get("messages"))
     try:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = max(exc.errors(), key=lambda error: len(error["loc"]))  # in a union, the branch that got furthest
         where = _location(first["loc"])
         raise RequestError(400, f"invalid {where}: {first['msg'][0].lower()}{first['msg'][1:]}", where) from None
+
+
+def _refuse_non_text_parts(messages: Any) -> None:
+    """Images, audio and files in a message: refused by name (the model reads text only)."""
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        parts = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(parts if isinstance(parts, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                where = f"messages[{i}].content[{j}]"
+                raise RequestError(400, f"{where} has type {kind!r}: specchat's models read text only", where, "unsupported_content")
 
 
 def _location(loc: tuple) -> str:
