@@ -280,6 +280,52 @@ def test_a_client_that_leaves_mid_stream_stops_its_reply_and_the_next_request_is
     assert completion.choices[0].message.content == fresh_reply(pipeline, HELLO).text
 
 
+def test_eight_concurrent_clients_each_get_their_own_complete_greedy_reply(pipeline):
+    conversations = [[{"role": "user", "content": f"wave {n} of the sea"}] for n in range(8)]
+    replies: dict[int, str] = {}
+
+    def ask(n: int) -> None:
+        completion = client(address).chat.completions.create(model="m", messages=conversations[n], temperature=0, max_tokens=8)
+        replies[n] = completion.choices[0].message.content
+
+    with running(service_for(pipeline, queue_size=8)) as address:
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert replies == {n: fresh_reply(pipeline, c).text for n, c in enumerate(conversations)}
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_two_hundred_sequential_requests_leave_the_servers_memory_flat(pipeline):
+    """RSS after 200 more requests (new conversations, extended ones, streamed and not) stays
+    within 5% of its level after a warm-up of 20."""
+    def request(api, n: int) -> None:
+        messages = [{"role": "user", "content": f"tide {n % 13}"}]
+        if n % 3 == 1:
+            messages += [{"role": "assistant", "content": "a wave"}, {"role": "user", "content": f"and {n}"}]
+        if n % 2:
+            "".join(chunk.choices[0].delta.content or "" for chunk in api.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=6, stream=True) if chunk.choices)
+        else:
+            api.chat.completions.create(model="m", messages=messages, temperature=0.8, seed=n, max_tokens=6)
+
+    with running(service_for(pipeline)) as address:
+        api = client(address)
+        for n in range(20):
+            request(api, n)
+        warm = resident_bytes()
+        for n in range(200):
+            request(api, n)
+        after = resident_bytes()
+    assert after <= warm * 1.05, f"RSS grew from {warm / 2**20:.1f} MiB to {after / 2**20:.1f} MiB"
+
+
 def test_sampled_replies_with_a_seed_repeat(pipeline):
     request = {"model": "m", "messages": HELLO, "temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 12}
     with running(service_for(pipeline)) as address:
