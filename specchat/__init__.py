@@ -22,7 +22,15 @@ Names load on first use, so ``import specchat`` stays cheap (no torch until need
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
+
+# oneDNN (torch's CPU matrix-product library) caches one compiled kernel per product shape, up to
+# 1024 of them; every new prompt length and tree size is a new shape, so over a long chat the
+# cache alone grows RSS by tens of MB.  64 kernels cover a conversation's working set at no
+# measured cost in speed (docs/benchmarks.md, sessions 19-20).  Set here, before torch computes
+# anything; a value the user exported wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,15 @@ def test_update_returns_all_valid_slots_and_grows_capacity():
     assert values[0, 0, :, 0].tolist() == [-1, -2, -3, -4, -5]
 
 
+@pytest.mark.parametrize("lengths, capacity", [([3], 4), ([1, 1], 2), ([2, 3], 8), ([5, 4], 16), ([1] * 9, 16)])
+def test_capacity_is_the_initial_one_times_a_power_of_two(lengths, capacity):
+    cache = KVCache(num_layers=2, initial_capacity=2)
+    for n, length in enumerate(lengths):
+        _fill(cache, list(range(10 * n, 10 * n + length)))
+    # (1, kv_heads, capacity, head_dim) per buffer, float64: a few sizes recur whatever the lengths
+    assert cache.nbytes() == 2 * 2 * capacity * 8
+
+
 def test_reset_frees_the_buffers_and_the_cache_fills_again():
     cache = KVCache(num_layers=2, initial_capacity=2)
     _fill(cache, [1, 2, 3])

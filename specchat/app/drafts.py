@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from specchat.app.config import RunConfig
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
-from specchat.model.placement import RAM_HEADROOM, Machine, draft_bytes, place_target, room_beside_target
+from specchat.model.placement import RAM_HEADROOM, Machine, OffloadPlan, draft_bytes, room_beside_target
 from specchat.model.selfdraft import DEFAULT_SELF_KIND, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import ModelEntry
 from specchat.sources.resolve import ModelRef, Progress, materialize, parse_model_spec
+
+
+Placer = Callable[[int], OffloadPlan]  # a draft's bytes -> where the target's layers go beside it
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,12 @@ def int8_draft(config: RunConfig, device: torch.device) -> bool:
 
 
 def choose_draft(
-    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine, progress: Progress
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine,
+    place: Placer, progress: Progress,
 ) -> DraftChoice:
-    """The draft for ``config``; its tokenizer is checked against the target's before anything loads."""
+    """The draft for ``config``; its tokenizer is checked against the target's before anything loads.
+    ``place`` is the loader's own placement of the target (the one it will load by), asked here
+    only where the choice depends on whether the target streams."""
     if config.method == "ar" or config.draft == "none":
         return DraftChoice(None, None, "no draft: plain autoregressive decoding")
     kind = self_draft_kind(config.draft)
@@ -60,7 +67,7 @@ def choose_draft(
         check_same_tokenizer(load_tokenizer(target.path), load_tokenizer(facts.path), ref.display)
         reason = f"draft {ref.display}: as configured (--draft, SPECCHAT_DRAFT or the config file); same tokenizer as the target"
         return DraftChoice(ref, facts, reason, draft_bytes(facts, int8_draft(config, machine.device), machine.dtype))
-    return _auto_draft(config, target_ref, target, registry, machine, progress)
+    return _auto_draft(config, target_ref, target, registry, machine, place, progress)
 
 
 def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: Machine, room: int) -> DraftChoice:
@@ -82,7 +89,7 @@ def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: 
     return replace(choice, reason=reason)
 
 
-def _self_if_streamed(config: RunConfig, target: ModelFacts, machine: Machine, room: int, sibling: DraftChoice) -> DraftChoice:
+def _self_if_streamed(target: ModelFacts, machine: Machine, place: Placer, room: int, sibling: DraftChoice) -> DraftChoice:
     """The self draft instead of ``sibling`` where the target streams from the disk and it fits.
 
     A streamed pass costs the disk's time for its layers whatever the tree, so what counts is
@@ -92,10 +99,9 @@ def _self_if_streamed(config: RunConfig, target: ModelFacts, machine: Machine, r
     takes a draft step on a CPU, so there the smaller sibling is the faster draft."""
     if machine.device.type != "cpu":
         return sibling
-    kind, needed = DEFAULT_SELF_KIND, int(self_draft_bytes(target, DEFAULT_SELF_KIND) * RAM_HEADROOM)
-    plan = place_target(
-        target, config.offload, config.quant, config.ram_budget, machine.dtype, machine.device, machine.memory, needed
-    )
+    kind, load_bytes = DEFAULT_SELF_KIND, self_draft_bytes(target, DEFAULT_SELF_KIND)
+    needed = int(load_bytes * RAM_HEADROOM)
+    plan = place(load_bytes)  # the plan the loader will load by, should this draft be chosen
     streamed = target.num_layers - plan.resident_layers if plan.store_dtype is not None else 0
     if streamed == 0 or needed > room:
         return sibling
@@ -122,7 +128,8 @@ def _self_draft(target: ModelFacts, kind: str, machine: Machine) -> DraftChoice:
 
 
 def _auto_draft(
-    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine, progress: Progress
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, registry: dict[str, ModelEntry], machine: Machine,
+    place: Placer, progress: Progress,
 ) -> DraftChoice:
     """The first draft models.toml lists for the target that is here, shares its tokenizer and fits.
 
@@ -154,7 +161,7 @@ def _auto_draft(
             f"and fits ({needed / 1e9:.1f} of {room / 1e9:.1f} GB)"
         )
         sibling = DraftChoice(ref, facts, reason + (f"; skipped {'; '.join(skipped)}" if skipped else ""), load_bytes)
-        return _self_if_streamed(config, target, machine, room, sibling)
+        return _self_if_streamed(target, machine, place, room, sibling)
     raise ModelNotFound(
         f"no registered draft of {target_ref.display} can be used: {'; '.join(skipped)}",
         f"`specchat setup {target_ref.spec}` fetches missing drafts; or lower --ram-budget, name a draft with --draft, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -70,10 +71,11 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     device = resolve_device(config.device)
     dtype, dtype_reason = resolve_compute_dtype(config.dtype, device)
     machine = Machine(device, dtype, free_memory(device))
-    choice = choose_draft(config, target_ref, target_facts, registry, machine, progress)  # before loading gigabytes
-    plan = place_target(
-        target_facts, config.offload, config.quant, config.ram_budget, dtype, device, machine.memory, choice.load_bytes
-    )
+    place = cache(partial(
+        place_target, target_facts, config.offload, config.quant, config.ram_budget, dtype, device, machine.memory
+    ))  # a draft's bytes -> the target's plan beside it; computed once per draft size
+    choice = choose_draft(config, target_ref, target_facts, registry, machine, place, progress)  # before loading gigabytes
+    plan = place(choice.load_bytes)
     ram_left = machine.memory.ram_available - target_ram_bytes(target_facts, plan, dtype) - choice.load_bytes
     if config.budget is not None and config.method != "ar" and not plan.on_gpu:
         check_tree(target_facts, config.budget, dtype, ram_left)

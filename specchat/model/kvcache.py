@@ -7,7 +7,10 @@ one forward, then keeps only the accepted path (:meth:`KVCache.keep`) or rolls
 back to a shorter prefix (:meth:`KVCache.crop`).
 
 Shapes: one buffer per layer, ``(1, kv_heads, capacity, head_dim)``; slots
-``[0, length)`` are valid.  Capacity doubles when a forward would overflow it.
+``[0, length)`` are valid.  Capacity is the initial capacity times a power of two, doubled
+(or more) when a forward would overflow it: conversations of every length then allocate
+buffers of a few recurring sizes, which the C allocator reuses once freed instead of leaving
+the heap fragmented by one size per conversation.
 """
 
 from __future__ import annotations
@@ -92,9 +95,9 @@ class KVCache:
         keys = self._keys[layer]
         if keys is not None and keys.shape[2] >= needed:
             return
-        capacity = max(self._initial_capacity, needed)
-        if keys is not None:
-            capacity = max(capacity, 2 * keys.shape[2])
+        capacity = self._initial_capacity  # * 2**k: at least double the old one, and one of a few sizes
+        while capacity < needed:
+            capacity *= 2
         shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
         new_keys = like.new_empty(shape)
         new_values = like.new_empty(shape)
