@@ -9,8 +9,8 @@ soak's slow RSS growth).
 
 Resets the conversation every 4th turn, as a user starting over would (with ``--cycle C``:
 plays the first C prompts as one conversation, resets, and plays them again).  Prints the environment
-it ran under (oneDNN's primitive-cache capacity: specchat sets 64 unless exported; 1024 is oneDNN's own default, each shape
-of a matrix product one entry; glibc's arena cap), the RSS after turn 5 and after the last turn,
+it ran under (oneDNN's primitive-cache capacity, each shape of a matrix product one entry:
+specchat sets 64 unless exported, oneDNN's own default is 1024; glibc's arena cap), the RSS after turn 5 and after the last turn,
 the median tokens/s over turns 5 on, and per turn: RSS MB, tokens/s, live Python objects,
 live torch tensors (after a gc) and the KV caches' buffers, so a growth can be told apart from
 held objects.

@@ -27,9 +27,9 @@ from importlib import import_module
 
 # oneDNN (torch's CPU matrix-product library) caches one compiled kernel per product shape, up to
 # 1024 of them; every new prompt length and tree size is a new shape, so over a long chat the
-# cache alone grows RSS by tens of MB.  64 kernels cover a conversation's working set at no
-# measured cost in speed (docs/benchmarks.md, sessions 19-20).  Set here, before torch computes
-# anything; a value the user exported wins.
+# cache alone grows RSS by tens of MB.  64 kernels cost no measured speed (session 19's probe)
+# and kept an hour's soak within 5% (session 20; docs/benchmarks.md).  Set here, before torch
+# computes anything; a value the user exported wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 __version__ = "0.1.0"
