@@ -203,6 +203,56 @@ def test_draft_auto_takes_the_self_draft_where_the_target_streams_and_the_siblin
         assert line.startswith("draft tiny-draft: the first registered draft")
 
 
+@pytest.mark.parametrize("offload, faster", [("ssd", "tiny-draft"), ("none", "self:int8")])
+def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_settings(paired_registry, tmp_path, offload, faster):
+    """Against the rule in each regime: measured speeds, once both drafts have some, decide."""
+    from specchat.app.draftspeed import speed_file
+
+    args = ["run", "--model", "tiny-target", "--budget", "4", "--max-new-tokens", "5", "--json",
+            "--offload", offload, "--store", str(tmp_path / "stores"), "the sea"]
+    if offload == "ssd":
+        args += ["--ram-budget", "1000"]
+    for draft in ("tiny-draft", "self:int8"):
+        result = runner.invoke(app, args + ["--draft", draft])
+        assert result.exit_code == 0, result.stderr
+    speeds = json.loads(speed_file().read_text())
+    assert sorted(key.split(" ")[1] for key in speeds) == ["draft=self:int8", "draft=tiny-draft"]
+    assert all(entry["tokens"] > 0 and entry["seconds"] > 0 for entry in speeds.values())
+    for key in speeds:  # as if each had run longer: 100 tokens, the one named faster at twice the other's speed
+        speeds[key] = {"tokens": 100, "seconds": 10.0 if f"draft={faster} " in key else 20.0}
+    speed_file().write_text(json.dumps(speeds))
+    result = runner.invoke(app, args + ["--draft", "auto"])
+    assert result.exit_code == 0, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
+    other = "self:int8" if faster == "tiny-draft" else "tiny-draft"
+    assert line.startswith(f"draft {faster}: measured faster here in these settings than {other} (10.00 against 5.00 tok/s")
+    assert json.loads(result.stdout)["stats"]["draft"]["name"] == faster
+
+
+def test_draft_speeds_count_from_enough_tokens_decay_and_survive_a_damaged_file(tmp_path):
+    from specchat.app.draftspeed import MIN_TOKENS, WINDOW_TOKENS, measured_speed, record_speed
+    from specchat.engine.events import GenerationStats
+
+    def reply(tokens, seconds, method="specexec"):
+        return GenerationStats(method, 4, 10, tokens, 1, 1.0, 1.0, seconds + 1.0, 1.0, 0.0, seconds, 0, 0, "length")
+
+    path = tmp_path / "speeds.json"
+    record_speed(path, "k", reply(MIN_TOKENS - 1, 10.0))
+    assert measured_speed(path, "k") is None  # too few tokens yet
+    record_speed(path, "k", reply(1, 0.5))
+    assert measured_speed(path, "k") == pytest.approx(MIN_TOKENS / 10.5)
+    record_speed(path, "k", reply(100, 5.0, method="ar"))  # plain decoding is no draft's speed
+    assert measured_speed(path, "k") == pytest.approx(MIN_TOKENS / 10.5)
+    for _ in range(40):  # the machine got faster: the old replies fade
+        record_speed(path, "k", reply(WINDOW_TOKENS // 8, WINDOW_TOKENS / 8 / 20.0))
+    assert json.loads(path.read_text())["k"]["tokens"] == WINDOW_TOKENS
+    assert measured_speed(path, "k") == pytest.approx(20.0, rel=0.01)
+    path.write_text("{not json")
+    assert measured_speed(path, "k") is None
+    record_speed(path, "other", reply(MIN_TOKENS, 1.0))  # rewritten whole
+    assert measured_speed(path, "other") == pytest.approx(MIN_TOKENS)
+
+
 def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):
     import specchat.app.drafts
 

@@ -79,7 +79,7 @@ class ChatSession:
         self.last_pass_sizes = []
         finished = False
         try:
-            events = self.pipeline.engine.generate(prompt_ids, self.settings)
+            events = self.pipeline.generate(prompt_ids, self.settings)
             try:
                 first = next(events)  # the engine checks the request before it replies
             except EngineError as exc:

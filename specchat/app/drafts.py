@@ -1,7 +1,7 @@
 """Which draft grows the trees: the one configured, a low-bit copy of the target itself
 (``--draft self``), or (``--draft auto``) the first registered draft of the target that is here,
-shares its tokenizer and fits beside it -- or, where the target streams from the disk, the
-target's own low-bit copy (see :func:`_self_if_streamed`)."""
+shares its tokenizer and fits beside it -- or the target's own low-bit copy, where it measured
+faster here, or before both were measured, where the target streams (:func:`_self_or_sibling`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from specchat.app.config import RunConfig
+from specchat.app.draftspeed import measured_speed, speed_file, speed_key
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
 from specchat.model.placement import RAM_HEADROOM, Machine, OffloadPlan, draft_bytes, room_beside_target
@@ -89,28 +90,58 @@ def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: 
     return replace(choice, reason=reason)
 
 
-def _self_if_streamed(target: ModelFacts, machine: Machine, place: Placer, room: int, sibling: DraftChoice) -> DraftChoice:
-    """The self draft instead of ``sibling`` where the target streams from the disk and it fits.
+def _self_or_sibling(
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, machine: Machine, place: Placer, room: int,
+    sibling: DraftChoice,
+) -> DraftChoice:
+    """The self draft or ``sibling``: the faster by the decoding speeds measured here in these
+    settings once both have run (:mod:`specchat.app.draftspeed`); before that, by where the target lives.
 
     A streamed pass costs the disk's time for its layers whatever the tree, so what counts is
     how many tokens a pass accepts, and a copy of the target agrees with it far more often
     than a smaller model does (docs/benchmarks.md: 5.9x AR against the sibling's 3.8x in the
     SSD scenario).  A resident target computes a pass about as fast as its low-bit copy
-    takes a draft step on a CPU, so there the smaller sibling is the faster draft."""
+    takes a draft step on a CPU, so there the smaller sibling is taken first."""
     if machine.device.type != "cpu":
         return sibling
     kind, load_bytes = DEFAULT_SELF_KIND, self_draft_bytes(target, DEFAULT_SELF_KIND)
     needed = int(load_bytes * RAM_HEADROOM)
+    if needed > room:
+        return sibling
+    fits = f"its own layers in {kind} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB)"
     plan = place(load_bytes)  # the plan the loader will load by, should this draft be chosen
+    speeds = _measured_speeds(config, target_ref, machine, (f"self:{kind}", plan), (sibling.name, place(sibling.load_bytes)))
+    if speeds is not None:
+        own, other = speeds
+        if own <= other:
+            return replace(sibling, reason=(
+                f"draft {sibling.name}: measured faster here in these settings than self:{kind} "
+                f"({other:.2f} against {own:.2f} tok/s of decoding)"
+            ))
+        return replace(_self_draft(target, kind, machine), reason=(
+            f"draft self:{kind}: measured faster here in these settings than {sibling.name} "
+            f"({own:.2f} against {other:.2f} tok/s of decoding); {fits}"
+        ))
     streamed = target.num_layers - plan.resident_layers if plan.store_dtype is not None else 0
-    if streamed == 0 or needed > room:
+    if streamed == 0:
         return sibling
     reason = (
         f"draft self:{kind}: the target streams {streamed} of its {target.num_layers} layers from the disk every pass, "
-        f"so the draft that agrees with it most pays: its own layers in {kind} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB) "
-        f"rather than {sibling.name}"
+        f"so the draft that agrees with it most pays: {fits} rather than {sibling.name}"
     )
     return replace(_self_draft(target, kind, machine), reason=reason)
+
+
+def _measured_speeds(
+    config: RunConfig, target_ref: ModelRef, machine: Machine, *drafts: tuple[str, OffloadPlan]
+) -> tuple[float, ...] | None:
+    """Each (draft name, the target's plan beside it)'s measured decoding tokens/s; None unless all were measured."""
+    generation, path = config.generation(), speed_file()
+    speeds = tuple(
+        measured_speed(path, speed_key(target_ref.display, name, plan, machine.dtype, machine.device, config, generation))
+        for name, plan in drafts
+    )
+    return None if None in speeds else speeds
 
 
 def _self_draft(target: ModelFacts, kind: str, machine: Machine) -> DraftChoice:
@@ -161,7 +192,7 @@ def _auto_draft(
             f"and fits ({needed / 1e9:.1f} of {room / 1e9:.1f} GB)"
         )
         sibling = DraftChoice(ref, facts, reason + (f"; skipped {'; '.join(skipped)}" if skipped else ""), load_bytes)
-        return _self_if_streamed(target, machine, place, room, sibling)
+        return _self_or_sibling(config, target_ref, target, machine, place, room, sibling)
     raise ModelNotFound(
         f"no registered draft of {target_ref.display} can be used: {'; '.join(skipped)}",
         f"`specchat setup {target_ref.spec}` fetches missing drafts; or lower --ram-budget, name a draft with --draft, "

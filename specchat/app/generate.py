@@ -18,7 +18,7 @@ def stream_generate(pipeline: Pipeline, prompt: str | Messages, config: Generati
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if config is None:
         config = pipeline.config.generation() if pipeline.config is not None else GenerationConfig()
-    yield from pipeline.engine.generate(pipeline.encode_chat(messages), config)
+    yield from pipeline.generate(pipeline.encode_chat(messages), config)
 
 
 def generate(pipeline: Pipeline, prompt: str | Messages, config: GenerationConfig | None = None) -> str:

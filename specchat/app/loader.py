@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -10,8 +11,11 @@ import torch
 
 from specchat.app.config import RunConfig
 from specchat.app.drafts import DraftChoice, choose_draft, int8_draft
+from specchat.app.draftspeed import record_speed, speed_file, speed_key
+from specchat.common.errors import SpecchatError
 from specchat.common.paths import cache_dir
-from specchat.engine.engine import Engine
+from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.events import DoneEvent, Event, GenerationStats
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, largest_tree, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
@@ -52,6 +56,27 @@ class Pipeline:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the model's chat template, ready for the reply."""
         return encode_chat(self.tokenizer, messages)
+
+    def generate(self, prompt_ids: list[int], generation: GenerationConfig) -> Iterator[Event]:
+        """The engine's events for ``prompt_ids``; a finished reply's decoding speed is recorded for
+        ``--draft auto`` (:mod:`specchat.app.draftspeed`).  Closing it closes the engine's generator."""
+        events = self.engine.generate(prompt_ids, generation)
+        try:
+            for event in events:
+                if isinstance(event, DoneEvent):
+                    self._record_speed(event.stats, generation)
+                yield event
+        finally:
+            events.close()
+
+    def _record_speed(self, stats: GenerationStats, generation: GenerationConfig) -> None:
+        if self.draft_name is None or self.config is None:
+            return
+        key = speed_key(self.target_name, self.draft_name, self.offload, self.compute_dtype, self.device, self.config, generation)
+        try:
+            record_speed(speed_file(), key, stats)
+        except (OSError, SpecchatError):  # a speed not kept costs only a later auto choice, never this reply
+            pass
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -53,7 +53,7 @@ def run_oneshot(
         )
     done, said = None, []
     try:
-        for event in pipeline.engine.generate(prompt_ids, config.generation()):
+        for event in pipeline.generate(prompt_ids, config.generation()):
             if isinstance(event, PrefillEvent):
                 progress(prefill_line(event))
             elif isinstance(event, TextEvent):
