@@ -311,6 +311,21 @@ def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
         assert int(advice["budget"]["value"]) >= 256
 
 
+@pytest.mark.parametrize("largest_b, ram_gb, draft", [(8, 24, "self:int8"), (8, 6, "qwen2.5-0.5b"), (73, 24, "qwen2.5-0.5b")])
+def test_recommendation_on_a_cpu_names_the_self_draft_where_the_streamed_target_s_int8_copy_fits(largest_b, ram_gb, draft):
+    from specchat.app.hardware import recommend
+    from specchat.sources.registry import load_registry
+
+    registry = {n: e for n, e in load_registry().items() if e.params_b <= largest_b}
+    gb = 10**9
+    facts = {"cpu": {"fp32_gflops": 100.0}, "ram_available": ram_gb * gb, "gpus": [], "disk_free": 1000 * gb, "disk_read_gbps": 2.0}
+    advice = recommend(facts, registry)
+    assert advice["offload"]["value"] == "ssd", advice
+    assert advice["draft"]["value"] == draft, advice
+    if draft == "self:int8":
+        assert advice["draft"]["reason"].startswith("the target streams every pass, so its own layers in int8")
+
+
 def test_models_table_names_every_way_a_target_can_run():
     import io
 

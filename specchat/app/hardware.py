@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from specchat.common.system import read_cpuinfo
-from specchat.model.placement import choose_cpu_mode, choose_gpu_mode
+from specchat.model.placement import RAM_HEADROOM, choose_cpu_mode, choose_gpu_mode
 from specchat.weights.precision import cpu_has_fast_bf16, dtype_name, resolve_compute_dtype
 from specchat.sources.registry import DEMO_TARGET, ModelEntry, load_registry
 from specchat.model.stream.storeio import READ_THREADS, read_file_direct
@@ -172,10 +172,7 @@ def recommend(facts: dict, registry: dict[str, ModelEntry] | None = None) -> dic
         budget *= 2
     return {
         "target": {"value": choice.name, "reason": f"the largest registered target that runs here ({how})"},
-        "draft": {
-            "value": draft.name if draft else "none",
-            "reason": "the smallest registered draft of that target: its steps are the cheapest" if draft else "no registered draft",
-        },
+        "draft": _draft_advice(choice, draft, facts, streams),
         "quant": {"value": "16bit", "reason": "16-bit weights, the target's own outputs"},
         "dtype": {
             "value": "auto",
@@ -196,3 +193,20 @@ def recommend(facts: dict, registry: dict[str, ModelEntry] | None = None) -> dic
             else "a resident target is compute-bound here: small trees",
         },
     }
+
+
+def _draft_advice(target: ModelEntry, sibling: ModelEntry | None, facts: dict, streams: bool) -> dict[str, str]:
+    """What ``--draft auto`` will take (:mod:`specchat.app.drafts`): on a CPU streaming the target,
+    the target's own int8 copy where it fits the available RAM (``run`` checks the exact room
+    beside the target's resident share), else the smallest registered draft."""
+    self_bytes = target.bytes_at(8) * RAM_HEADROOM
+    if streams and not facts["gpus"] and self_bytes <= facts["ram_available"]:
+        return {
+            "value": "self:int8",
+            "reason": f"the target streams every pass, so its own layers in int8 ({self_bytes / 1e9:.1f} GB in RAM) "
+            f"agree with it far more often than {sibling.name if sibling else 'a smaller model'}: more tokens per pass",
+        }
+    if sibling is None:
+        return {"value": "none", "reason": "no registered draft"}
+    return {"value": sibling.name, "reason": "the smallest registered draft of that target: its steps are the cheapest"}
+
