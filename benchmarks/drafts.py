@@ -36,7 +36,7 @@ class Pipeline:
 
 def engines(args) -> tuple[dict[str, Pipeline], object]:
     """One pipeline per draft over the same loaded target (the self draft's, which loads first)."""
-    config = RunConfig(model="demo", draft=args.self_draft, offload=args.offload, budget=16,
+    config = RunConfig(model="demo", draft=args.self_draft, offload=args.offload, budget=16, quant=args.quant,
                        ram_budget=parse_size(args.ram_budget) if args.ram_budget else None)
     loaded = load_pipeline(config, print, calibrate=False)
     target = loaded.engine.target
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=6)
     parser.add_argument("--offload", default="ssd")
     parser.add_argument("--ram-budget", default="770MB")
+    parser.add_argument("--quant", default="16bit", help="the target's weights: 16bit or 4bit (NF4)")
     parser.add_argument("--budgets", default="16,32", help="comma-separated; auto for --budget auto")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
