@@ -102,7 +102,9 @@ def _self_or_sibling(
     than a smaller model does (docs/benchmarks.md, session 21: 3.9x AR against the sibling's
     2.9x in the SSD scenario).  A resident target computes a pass about as fast as its low-bit
     copy takes a draft step on a CPU, so there the smaller sibling is taken first (6.08 against
-    5.80 tok/s there)."""
+    5.80 tok/s there).  So is it for a 4-bit target: the self draft is built from the 16-bit
+    weights, so it agrees with an NF4 target less (4.95 against 3.98 tok/s for the sibling,
+    session 21)."""
     if machine.device.type != "cpu":
         return sibling
     kind, load_bytes = DEFAULT_SELF_KIND, self_draft_bytes(target, DEFAULT_SELF_KIND)
@@ -124,7 +126,7 @@ def _self_or_sibling(
             f"({own:.2f} against {other:.2f} tok/s of decoding); {fits}"
         ))
     streamed = target.num_layers - plan.resident_layers if plan.store_dtype is not None else 0
-    if streamed == 0:
+    if streamed == 0 or plan.quant == "4bit":  # an NF4 target is not the model the self draft copies
         return sibling
     reason = (
         f"draft self:{kind}: the target streams {streamed} of its {target.num_layers} layers from the disk every pass, "
