@@ -209,4 +209,3 @@ def _draft_advice(target: ModelEntry, sibling: ModelEntry | None, facts: dict, s
     if sibling is None:
         return {"value": "none", "reason": "no registered draft"}
     return {"value": sibling.name, "reason": "the smallest registered draft of that target: its steps are the cheapest"}
-
