@@ -6,7 +6,9 @@ every configuration interleaved prompt by prompt (so a slow minute hurts both dr
 
 Runs AR once per prompt, then SpecExec with each draft at each budget (greedy unless
 ``--temperature``), each from empty caches; `--draft-batch auto` on each engine's own measured
-calibration.  Prints one table; every run is appended to ``--log`` as JSON.
+calibration.  ``--lookahead both`` runs each draft with and without growing the next tree while
+the target verifies (rows marked ``+la``).  Prints one table; every run is appended to ``--log``
+as JSON.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from specchat import RunConfig
 from specchat.app.config import parse_size
 from specchat.app.loader import load_pipeline
 from specchat.bench.sweep import BenchConfig, Row, load_prompts, run_bench
+from specchat.engine.autobudget.costmodel import PRIOR_BETA
 from specchat.engine.autobudget.costs import PassCosts
 from specchat.engine.engine import Engine
 from specchat.model.loading import load_int8
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import materialize, parse_model_spec
+from specchat.speculation.lookahead import Lookahead
 
 
 class Pipeline:
@@ -35,21 +39,41 @@ class Pipeline:
 
 
 def engines(args) -> tuple[dict[str, Pipeline], object]:
-    """One pipeline per draft over the same loaded target (the self draft's, which loads first)."""
+    """One pipeline per draft and lookahead setting over the same loaded target (the self draft's,
+    which loads first); each draft calibrated once, on itself, each engine with costs of its own."""
     config = RunConfig(model="demo", draft=args.self_draft, offload=args.offload, budget=16, quant=args.quant,
                        ram_budget=parse_size(args.ram_budget) if args.ram_budget else None)
     loaded = load_pipeline(config, print, calibrate=False)
-    target = loaded.engine.target
-    sibling = load_int8(materialize(parse_model_spec(args.sibling, load_registry()), print)).lm
-    out = {args.self_draft: Pipeline(loaded.engine, loaded.encode_chat)}
-    out[args.sibling] = Pipeline(Engine(target, sibling, loaded.engine.tokenizer, loaded.engine.eos_token_ids, costs=PassCosts()),
-                                 loaded.encode_chat)
-    for name, pipeline in out.items():
+    target, tokenizer, eos = loaded.engine.target, loaded.engine.tokenizer, loaded.engine.eos_token_ids
+    if args.disk_gbps:
+        throttle(target.layer_source, args.disk_gbps * 1e9)
+    drafts = [(args.self_draft, loaded.engine.draft)]
+    if args.sibling:
+        drafts.append((args.sibling, load_int8(materialize(parse_model_spec(args.sibling, load_registry()), print)).lm))
+    out = {}
+    for name, draft in drafts:
         started = time.perf_counter()
-        pipeline.engine.costs = PassCosts()  # measured on this engine's own draft (no saved calibration)
-        pipeline.engine.costs.ensure(target, pipeline.engine.draft, config.max_depth, 8)
+        calibration = PassCosts().ensure(target, draft, config.max_depth, 8)
         print(f"{name}: calibrated in {time.perf_counter() - started:.0f} s", flush=True)
+        for lookahead in args.lookahead:
+            costs = PassCosts(calibration, largest_budget=loaded.engine.costs.largest_budget,
+                              prior_beta=loaded.engine.costs.prior_beta if draft is loaded.engine.draft else PRIOR_BETA)
+            engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None)
+            out[name + (" +la" if lookahead and len(args.lookahead) > 1 else "")] = Pipeline(engine, loaded.encode_chat)
     return out, loaded
+
+
+def throttle(source, bytes_per_s: float) -> None:
+    """Make the streamed target's reads take at least their bytes / ``bytes_per_s`` (a slower disk
+    than this machine's: a SATA SSD reads ~0.5 GB/s), by sleeping after each layer file's read."""
+    read_into = source.reader.read_into
+
+    def slow(index, buffer, **kwargs):
+        started = time.perf_counter()
+        read_into(index, buffer, **kwargs)
+        time.sleep(max(0.0, source.store.layer_bytes / bytes_per_s - (time.perf_counter() - started)))
+
+    source.reader.read_into = slow
 
 
 def budget_label(budget: int | None) -> str:
@@ -67,9 +91,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--self-draft", default="self:int8")
-    parser.add_argument("--sibling", default="demo-0.5b")
+    parser.add_argument("--sibling", default="demo-0.5b", help="'' for none (the self draft alone)")
+    parser.add_argument("--lookahead", default="on", choices=("on", "off", "both"),
+                        help="grow the next tree while the target verifies (both: each draft each way, interleaved)")
+    parser.add_argument("--disk-gbps", type=float, default=0.0, help="emulate a disk reading at most this many GB/s (0: as is)")
     parser.add_argument("--log", type=Path)
     args = parser.parse_args()
+    args.lookahead = {"on": (True,), "off": (False,), "both": (False, True)}[args.lookahead]
     pipelines, loaded = engines(args)
     prompts = load_prompts(None, args.n)
     budgets = tuple(None if b == "auto" else int(b) for b in args.budgets.split(","))
@@ -79,7 +107,7 @@ def main() -> None:
     for index in range(len(prompts)):
         skip = frozenset(i for i in range(len(prompts)) if i != index)
         for name, pipeline in pipelines.items():
-            methods = ("ar", "specexec") if name == args.self_draft else ("specexec",)
+            methods = ("ar", "specexec") if name == next(iter(pipelines)) else ("specexec",)
             bench = BenchConfig(prompts, methods, budgets, (args.temperature,), 0.9, args.max_new_tokens, 0)
             for row in run_bench(pipeline, bench, base, lambda record: None, skip):
                 key = ("-" if row.method == "ar" else name, row.method, row.budget)
@@ -91,10 +119,10 @@ def main() -> None:
                     log.flush()
         print(f"prompt {index + 1}/{len(prompts)} done", flush=True)
     ar = rows[("-", "ar", 0)].tokens_per_s
-    sibling_best = max(r.tokens_per_s for (draft, _, _), r in rows.items() if draft == args.sibling)
-    print(f"{'draft':12} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
+    sibling_best = max((r.tokens_per_s for (draft, _, _), r in rows.items() if args.sibling and draft.startswith(args.sibling)), default=ar)
+    print(f"{'draft':16} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
     for (draft, method, budget), row in rows.items():
-        print(f"{draft:12} {budget_label(budget):>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
+        print(f"{draft:16} {budget_label(budget):>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
               f"{row.tokens_per_s / sibling_best:14.2f}x {row.per_pass('target_s'):13.2f} {row.per_pass('draft_s'):12.2f}")
 
 

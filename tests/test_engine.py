@@ -6,6 +6,7 @@ import torch
 from specchat.engine.engine import Engine, EngineError, GenerationConfig
 from specchat.engine.events import DoneEvent, TextEvent
 from specchat.model.lm import LayeredLM, causal_visibility
+from specchat.speculation.lookahead import Lookahead
 
 from tiny import CharTokenizer, tiny_hf, tiny_lm
 
@@ -79,6 +80,51 @@ def test_unrelated_draft_gives_about_one_token_per_pass():
     done, _ = run(engine, [1, 2, 3], budget=4, max_new_tokens=60)
     assert done.token_ids == ar_tokens(target, [1, 2, 3], 60)
     assert done.stats.tokens_per_pass < 1.6
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "peaked", "random"])
+@pytest.mark.parametrize("budget", [1, 4, 16])
+def test_greedy_specexec_with_the_lookahead_equals_greedy_autoregression(draft_kind, budget):
+    """The next tree grown while the target verifies: the same output, and with a draft that
+    agrees with the target the bet wins on most passes."""
+    hits = passes = 0
+    for seed in range(3):
+        target = peaked(seed) if draft_kind == "peaked" else tiny_lm(seed)
+        draft = tiny_lm(100 + seed) if draft_kind == "random" else target
+        for prompt in PROMPTS:
+            engine = Engine(target, draft, CharTokenizer(), [], lookahead=Lookahead(patient=True))
+            done, _ = run(engine, prompt, budget=budget, max_new_tokens=40, draft_batch=4)
+            assert done.token_ids == ar_tokens(target, prompt, 40), (seed, prompt)
+            hits, passes = hits + done.stats.lookahead_hits, passes + done.stats.target_passes
+    if draft_kind == "peaked":
+        assert hits > passes / 2
+    elif draft_kind == "random":
+        assert hits < passes / 4
+
+
+def test_with_the_lookahead_the_caches_describe_the_conversation_between_replies_and_after_an_interrupt():
+    target, draft = peaked(0), peaked(0)
+    engine = Engine(target, draft, CharTokenizer(), [], lookahead=Lookahead(patient=True))
+    first, _ = run(engine, [1, 2, 3], budget=8, max_new_tokens=30)
+    assert first.stats.lookahead_hits > 0
+    assert engine.target_cache.length == len(engine.tokens) - 1 >= engine.draft_cache.length
+    history = [1, 2, 3, *first.token_ids, 7, 8]
+    second, _ = run(engine, history, budget=8, max_new_tokens=30)
+    assert second.token_ids == ar_tokens(target, history, 30)
+    stream = engine.generate(history + list(second.token_ids), GenerationConfig(budget=8, max_new_tokens=40))
+    next(stream), next(stream)
+    stream.close()  # between passes, with a tree begun for the next one
+    assert engine.target_cache.length == len(engine.tokens) - 1 >= engine.draft_cache.length
+    third, _ = run(engine, engine.tokens, budget=8, max_new_tokens=10)
+    assert third.token_ids == ar_tokens(target, engine.tokens[: len(engine.tokens) - 10], 10)
+
+
+def test_the_lookahead_stays_out_of_specinfer_and_of_plain_decoding():
+    target = peaked(0)
+    engine = Engine(target, target, CharTokenizer(), [], lookahead=Lookahead(patient=True))
+    for method in ("specinfer", "ar"):
+        done, _ = run(engine, [1, 2, 3], method=method, budget=8, max_new_tokens=20)
+        assert done.token_ids == ar_tokens(target, [1, 2, 3], 20) and done.stats.lookahead_hits == 0
 
 
 def test_pruned_cache_forward_equals_a_fresh_forward_on_the_accepted_sequence():
@@ -230,3 +276,17 @@ def test_a_long_prefill_reports_its_progress_in_tenths_and_changes_nothing():
     assert events[-1].token_ids == ar_tokens(target, prompt, 6)
     short = list(Engine(target, None, CharTokenizer(), []).generate(prompt[:10], GenerationConfig(method="ar", max_new_tokens=2)))
     assert not any(isinstance(e, PrefillEvent) for e in short)
+
+
+def test_sampled_specexec_with_the_lookahead_resumes_trees_and_repeats_itself_for_a_seed():
+    """Sampled, the walk draws from the target at every node, so any tree keeps the target's
+    distribution (the chi-square tests, tests/test_sampling_distribution.py); here: resumed
+    trees occur, and a seed still fixes the reply."""
+    target = peaked(0)
+    replies = []
+    for _ in range(2):
+        engine = Engine(target, target, CharTokenizer(), [], lookahead=Lookahead(patient=True))
+        done, _ = run(engine, [1, 2, 3], budget=8, max_new_tokens=40, temperature=0.7, top_p=0.9, seed=7)
+        assert done.stats.lookahead_hits > 0
+        replies.append(done.token_ids)
+    assert replies[0] == replies[1]

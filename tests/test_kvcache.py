@@ -153,3 +153,28 @@ def test_a_shared_prefix_cache_over_an_empty_target_cache_is_the_tail_alone():
     assert _seen(view, [7, 8], layers=1) == [[7, 8]]
     view.reset()
     assert view.length == 0
+
+
+def test_a_shared_prefix_cache_keeps_unverified_draft_entries_then_hands_the_prefix_to_the_target():
+    """The lookahead's two moves: compact the tail to the root and the predicted path (the target
+    has not verified them), then, once it has, keep only the entries beyond them."""
+    base = KVCache(num_layers=2)
+    _fill(base, [1, 2, 3])
+    view = SharedPrefixCache(base)
+    _seen(view, [30, 31, 32, 33])  # the root (slot 3) and three tree nodes (slots 4-6)
+    view.keep_draft(4, torch.tensor([5]))  # root + the predicted node at slot 5
+    assert view.length == 5 and view.tail.length == 2 and _seen(view, [40, 41]) == [[1, 2, 3, 30, 32, 40, 41]] * 2
+    _fill(base, [4, 5, 6, 7])  # the target's pass, then its accepted path (root + one node)
+    base.keep(3, torch.tensor([3, 5]))
+    view.keep_draft(5, torch.tensor([6]))  # the target now holds 5 positions: the tail keeps slot 6 (41) alone
+    assert view.length == 6 and view.tail.length == 1
+    assert _seen(view, [50]) == [[1, 2, 3, 4, 6, 41, 50]] * 2  # the target's prefix, then the draft's own
+    with pytest.raises(ValueError, match="cannot keep 2 positions"):
+        view.keep_draft(2, torch.tensor([], dtype=torch.long))
+
+
+def test_a_cache_of_its_own_keeps_draft_entries_as_it_keeps_any():
+    cache = KVCache(num_layers=2)
+    _fill(cache, [1, 2, 3, 4, 5])
+    cache.keep_draft(2, torch.tensor([3, 4]))
+    assert cache.length == 4 and _seen(cache, [9]) == [[1, 2, 4, 5, 9]] * 2

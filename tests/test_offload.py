@@ -475,3 +475,38 @@ def test_bitsandbytes_optional_kernel_warning_stays_off_stderr():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernels-community" not in result.stderr
+
+
+def test_a_streamed_pass_says_when_it_waits_for_the_disk_and_a_lookahead_gated_on_it_keeps_the_reply_exact(model_dir, tmp_path):
+    import threading
+    import time
+
+    from specchat.engine.engine import Engine, GenerationConfig
+    from specchat.speculation.lookahead import Lookahead
+
+    from tiny import CharTokenizer
+
+    store = build_store(model_dir, tmp_path / "store", "float32")
+    streamed = load_streamed(store, torch.float32)
+    reader = streamed.layer_source.reader
+    read_into = reader.read_into
+    reader.read_into = lambda *args, **kwargs: (time.sleep(0.02), read_into(*args, **kwargs))[1]  # a slow disk
+    waiting, seen, done = streamed.waiting_for_layers, [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(waiting.is_set())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    expected = logits(streamed, [1, 2, 3])
+    done.set()
+    watcher.join()
+    assert any(seen) and not waiting.is_set()  # set while it waited, clear once the pass is over
+    resident = load_resident(model_dir, torch.float32).lm
+    assert torch.allclose(expected, logits(resident, [1, 2, 3]), atol=1e-6)
+    config = GenerationConfig(method="specexec", budget=4, max_new_tokens=12)
+    ours = list(Engine(streamed, resident, CharTokenizer(), [], lookahead=Lookahead()).generate([1, 2, 3], config))[-1]
+    plain = list(Engine(resident, None, CharTokenizer(), []).generate([1, 2, 3], GenerationConfig(method="ar", max_new_tokens=12)))[-1]
+    assert ours.token_ids == plain.token_ids

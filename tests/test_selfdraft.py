@@ -7,12 +7,16 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from specchat.app.config import RunConfig
+from specchat.app.loader import load_pipeline
 from specchat.cli.app import app
+from specchat.engine.autobudget.costmodel import PRIOR_BETA, SELF_DRAFT_PRIOR_BETA
 from specchat.engine.engine import Engine, GenerationConfig
 from specchat.model.kvcache import KVCache, SharedPrefixCache
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
+from specchat.speculation.lookahead import Lookahead
 from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer, tune_int8
 from tiny import CharTokenizer, TickingClock
 
@@ -302,3 +306,19 @@ def test_setup_of_a_target_with_no_registered_draft_pairs_it_with_itself(tiny_di
     assert result.exit_code == 0, result.stderr
     assert "building the self draft (int8)" in result.stderr
     assert tomllib.loads(config_file().read_text())["draft"] == "auto"  # run pairs it the same way
+
+
+@pytest.mark.parametrize("draft, offload", [("self:int8", "ssd"), ("self:int8", "none"), ("sibling", "ssd")])
+def test_the_loaded_engine_looks_ahead_where_the_target_streams_and_expects_deep_trees_from_a_self_draft(tiny_dirs, tmp_path, draft, offload):
+    """Two facts the loader decides once: the lookahead (a self draft beside a target streamed on
+    the CPU) and the budget tuner's first guess of acceptance (high for a draft made from the target)."""
+    config = RunConfig(model=str(tiny_dirs["target"]), draft=str(tiny_dirs["draft"]) if draft == "sibling" else draft,
+                       offload=offload, store=tmp_path / "stores", ram_budget=1 if offload == "ssd" else None, budget=4, max_new_tokens=12)
+    pipeline = load_pipeline(config)
+    assert isinstance(pipeline.engine.lookahead, Lookahead) == (offload == "ssd" and draft.startswith("self"))
+    assert pipeline.engine.costs.prior_beta == (SELF_DRAFT_PRIOR_BETA if draft.startswith("self") else PRIOR_BETA)
+    ids = pipeline.encode_chat([{"role": "user", "content": "the sea"}])
+    done = list(pipeline.generate(ids, config.generation()))[-1]
+    plain_engine = Engine(pipeline.engine.target, None, pipeline.tokenizer, pipeline.engine.eos_token_ids)
+    plain = list(plain_engine.generate(ids, GenerationConfig(method="ar", max_new_tokens=12)))[-1]
+    assert done.token_ids == plain.token_ids

@@ -411,3 +411,13 @@ def test_a_stop_ends_a_running_stream_with_an_error_and_refuses_new_requests(pip
     assert first.choices[0].delta.role == "assistant" and engine.passes < 100
     assert status == 503 and json.loads(text)["error"]["message"] == "the server is shutting down"
     assert health["status"] == "stopping"
+
+
+def test_served_replies_count_for_draft_auto_as_run_and_chat_replies_do(pipeline):
+    from specchat.app.draftspeed import speed_file
+
+    service = ChatService(pipeline.engine, pipeline.encode_chat, pipeline.target_name, SETTINGS, generate=pipeline.generate)
+    with running(service) as address:
+        client(address).chat.completions.create(model="any-name", messages=HELLO, temperature=0)
+    [(key, entry)] = json.loads(speed_file().read_text()).items()
+    assert f"draft={pipeline.draft_name}" in key and "greedy" in key and entry["tokens"] >= 1

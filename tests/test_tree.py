@@ -1,11 +1,16 @@
 """Tree invariants of both growth methods, on tiny random models."""
 
+import copy
+import threading
+
 import pytest
 import torch
 
 from specchat.speculation.growth import GrowthParams, grow_specexec, grow_specinfer
 from specchat.model.lm import causal_visibility
+from specchat.speculation.lookahead import StoppableLayers, favourite_chain, reroot
 from specchat.speculation.sampling import SamplingParams
+from specchat.speculation.tree import Tree
 from specchat.speculation.verify import target_tree_logits
 
 from tiny import tiny_lm
@@ -142,3 +147,69 @@ def test_batched_draws_stop_at_a_row_support():
     assert sorted(drawn_tokens[1].tolist()[:2]) == [0, 1] and drawn_probs[1].tolist()[2] == 0.0
     greedy_probs, greedy_tokens = _draw_rows_without_replacement(probs, 2, None)
     assert greedy_tokens[0].tolist()[0] == 0 and greedy_probs[1].tolist() == [0.5, 0.5]
+
+
+def test_the_favourite_chain_follows_each_nodes_favourite_child_while_the_tree_holds_it():
+    tree = Tree(
+        tokens=torch.tensor([9, 5, 6, 7, 8]), parents=torch.tensor([-1, 0, 0, 1, 1]), depths=torch.tensor([0, 1, 1, 2, 2]),
+        scores=torch.zeros(5, dtype=torch.float64), favourites=torch.tensor([6, -1, -1, -1, -1]),
+    )
+    assert favourite_chain(tree) == [2]  # the root's favourite is 6 (node 2), which was never expanded
+    tree.favourites = torch.tensor([5, 8, -1, -1, 3])
+    assert favourite_chain(tree) == [1, 4]  # 5, then 8, whose favourite 3 is not in the tree
+    tree.favourites = torch.tensor([4, -1, -1, -1, -1])
+    assert favourite_chain(tree) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_tree_rooted_at_a_child_of_a_grown_tree_reuses_its_draft_entries_exactly(seed):
+    """The lookahead's re-rooting: the subtree's keys and values move behind the new committed
+    prefix, and a node expanded afterwards sees exactly what a fresh forward over its path sees."""
+    draft = tiny_lm(seed)  # float64
+    with torch.no_grad():  # confident enough to grow a tree deeper than one level
+        draft.lm_head.weight.mul_(4.0)
+    cache = draft.new_cache()
+    grown = grow_specexec(draft, cache, COMMITTED, GrowthParams(budget=14, max_depth=6, batch=2), SamplingParams(0.0)).tree
+    kids = grown.children()
+    child = next(c for c in kids[0] if grown.draft_slots[c] >= 0 and kids[c])
+    committed = COMMITTED + [int(grown.tokens[child])]
+    ahead = reroot(grown, draft, cache, len(COMMITTED), int(grown.tokens[child]), committed)
+    builder = ahead.builder
+    assert ahead.tokens == tuple(committed) and builder.tokens[0] == committed[-1] and builder.slots[0] == len(COMMITTED)
+    assert cache.length == len(COMMITTED) + sum(s >= 0 for s in builder.slots)
+    leaves = [n for n in range(1, len(builder.tokens)) if not builder.is_expanded(n)]
+    assert leaves and builder.draft_forwards == 0
+    for leaf in leaves:
+        path, node = [], leaf
+        while node > 0:
+            path.insert(0, builder.tokens[node])
+            node = builder.parents[node]
+        sequence = committed + path
+        fresh = draft.forward(torch.tensor(sequence), torch.arange(len(sequence)), causal_visibility(0, len(sequence)), draft.new_cache())
+        assert torch.allclose(builder.expand([leaf])[0], fresh[-1], atol=1e-9)
+
+
+def test_a_growth_stopped_inside_a_forward_undoes_that_step_and_keeps_the_tree_grown_so_far():
+    """The lookahead ends its forward at the next layer once the target is done: the step is
+    undone in every layer of the cache and the tree is what the steps before it grew."""
+    draft, stop = tiny_lm(0), threading.Event()
+
+    class StopsInForward:  # sets ``stop`` after the first layer of the ``at``-th forward
+        def __init__(self, source, at: int) -> None:
+            self.source, self.at, self.forwards = source, at, 0
+
+        def layers(self):
+            self.forwards += 1
+            for index, layer in enumerate(self.source.layers()):
+                yield layer
+                if self.forwards == self.at and index == 0:
+                    stop.set()
+
+    stoppable = copy.copy(draft)
+    stoppable.layer_source = StoppableLayers(StopsInForward(draft.layer_source, at=4), stop)
+    cache = draft.new_cache()
+    grown = grow_specexec(stoppable, cache, COMMITTED, GrowthParams(budget=20, max_depth=6, batch=2), SamplingParams(0.0), stop=stop.is_set)
+    assert grown.draft_forwards == 3 and stop.is_set()
+    expanded = int((grown.tree.draft_slots >= 0).sum())
+    assert cache.length == len(COMMITTED) - 1 + expanded and len(set(cache._lengths)) == 1
+    assert 1 <= expanded <= 1 + 2 * 2 and all(int(p) < i for i, p in enumerate(grown.tree.parents.tolist()) if i)

@@ -14,11 +14,14 @@ from specchat.app.drafts import DraftChoice, choose_draft, int8_draft
 from specchat.app.draftspeed import record_speed, speed_file, speed_key
 from specchat.common.errors import SpecchatError
 from specchat.common.paths import cache_dir
+from specchat.engine.autobudget.costmodel import PRIOR_BETA, SELF_DRAFT_PRIOR_BETA
+from specchat.engine.autobudget.costs import PassCosts
 from specchat.engine.engine import Engine, GenerationConfig
 from specchat.engine.events import DoneEvent, Event, GenerationStats
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, largest_tree, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
+from specchat.speculation.lookahead import Lookahead
 from specchat.weights.lowbit import LOWBIT_BITS
 from specchat.model.target import load_target, target_ram_bytes
 from specchat.sources.facts import read_facts
@@ -110,7 +113,10 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     target = load_target(target_facts, plan, machine, choice.load_bytes, store_root, progress)
     progress(plan.reason)
     draft = _load_draft(choice, config, machine, target, store_root, progress)
-    engine = Engine(target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids)
+    costs = PassCosts(prior_beta=SELF_DRAFT_PRIOR_BETA if choice.self_kind else PRIOR_BETA)
+    engine = Engine(
+        target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids, costs=costs, lookahead=_lookahead(plan, target_facts, choice)
+    )
     if not plan.on_gpu:  # --budget auto never grows a tree the RAM cannot hold
         engine.costs.largest_budget = max(largest_tree(target_facts, dtype, ram_left), 1)
     pipeline = Pipeline(
@@ -121,6 +127,15 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
 
     prepare_costs(pipeline, config, progress, calibrate)
     return pipeline
+
+
+def _lookahead(plan: OffloadPlan, facts, choice: DraftChoice) -> Lookahead | None:
+    """Grow the next tree during the target's pass where that pass waits for the disk and leaves
+    the CPU idle (a target streamed from SSD on the CPU), with a draft made from the target,
+    whose favourite chains the target mostly accepts; a sibling's bets lose more often than they
+    win (docs/benchmarks.md, session 22)."""
+    streams = plan.mode == "ssd" and not plan.on_gpu and plan.resident_layers < facts.num_layers
+    return Lookahead() if streams and choice.self_kind else None
 
 
 def _draft_bits(choice: DraftChoice, config: RunConfig, machine: Machine) -> int | None:

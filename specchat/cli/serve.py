@@ -27,7 +27,8 @@ def serve_command(settings: RunConfig, listen: ServeConfig) -> None:
     pipeline = load(settings, stderr_progress)
     stderr_progress(pipeline.draft_reason)
     service = ChatService(
-        pipeline.engine, pipeline.encode_chat, pipeline.target_name, settings.generation(), listen.queue_size, settings.system
+        pipeline.engine, pipeline.encode_chat, pipeline.target_name, settings.generation(), listen.queue_size, settings.system,
+        generate=pipeline.generate,  # each finished reply's speed counts for --draft auto, as in run and chat
     )
     _log_requests_to_stderr()
     host, port = sock.getsockname()[:2]

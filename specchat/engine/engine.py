@@ -8,6 +8,9 @@ conversation, prefills only what is new, then loops:
     grow a tree with the draft  ->  one target pass over the tree
     ->  walk it (accepted path + 1 drawn token)  ->  prune both caches
 
+(with a :class:`~specchat.speculation.lookahead.Lookahead`, SpecExec's next tree starts growing
+during the target pass; the next pass goes on from it when its bet was right)
+
 and yields a :class:`TextEvent` per pass and a :class:`DoneEvent` at the end.
 
 Cache invariant between passes: ``len(tokens) = L``; the target cache holds
@@ -33,7 +36,8 @@ from specchat.engine.textstream import TextStream
 from specchat.model.lm import LanguageModel, causal_visibility
 from specchat.model.kvcache import SharedPrefixCache
 from specchat.speculation.agreement import GreedyAgreement
-from specchat.speculation.growth import GrowthParams
+from specchat.speculation.growth import Growth, GrowthParams
+from specchat.speculation.lookahead import Ahead, Lookahead
 from specchat.speculation.sampling import SamplingParams, probabilities, sample
 from specchat.speculation.speculator import SPECULATORS, Speculator, speculator_for
 from specchat.speculation.tree import Tree
@@ -108,6 +112,7 @@ class _Request:
     speculator: Speculator | None  # chosen once per request; None for plain decoding
     passes: int = 0
     tree_nodes: int = 0
+    lookahead_hits: int = 0  # passes whose tree the lookahead had begun
     draft_s: float = 0.0
     target_s: float = 0.0
     finish: str = "length"
@@ -125,6 +130,7 @@ class Engine:
         speculators: Mapping[str, Speculator] = SPECULATORS,
         greedy_agreement: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
+        lookahead: Lookahead | None = None,
     ) -> None:
         self.target = target
         self.draft = draft
@@ -136,6 +142,9 @@ class Engine:
         self.speculators = speculators  # method name -> how it grows and walks a tree
         # greedy SpecExec trees are scored by how often the target took the draft's favourite
         self.agreement = GreedyAgreement() if greedy_agreement else None
+        # SpecExec's next tree grown during the target's pass (lookahead.py); the one it began, while valid
+        self.lookahead = lookahead if draft is not None else None
+        self._ahead: Ahead | None = None
         self.target_cache = target.new_cache()
         self.draft_cache = self._new_draft_cache(draft)
         self.tokens: list[int] = []  # the conversation both caches describe
@@ -181,9 +190,11 @@ class Engine:
                 finish_reason=request.finish,
                 tree_nodes=request.tree_nodes,
                 prompt_tokens=len(prompt_ids),
+                lookahead_hits=request.lookahead_hits,
             )
             yield DoneEvent(stream.text, tuple(request.new_ids), stats)
         finally:
+            self._ahead = None  # the next request continues another conversation
             self._repair()
 
     def tuner_for(self, config: GenerationConfig) -> CostModelTuner:
@@ -194,6 +205,7 @@ class Engine:
     def reset(self) -> None:
         """Forget the conversation and free the caches' buffers."""
         self.tokens = []
+        self._ahead = None
         for cache in (self.target_cache, self.draft_cache):
             if cache is not None:
                 cache.reset()
@@ -216,7 +228,7 @@ class Engine:
         if request.speculator is None:
             drawn, tree_size, draft_s, target_s = self._plain_pass(config.sampling, generator)
         else:
-            drawn, tree_size, draft_s, target_s = self._tree_pass(request.speculator, config, generator)
+            drawn, tree_size, draft_s, target_s = self._tree_pass(request.speculator, config, generator, request)
         if tuner:
             tuner.observe(config.budget, len(drawn), draft_s, target_s)
         request.passes += 1
@@ -237,7 +249,7 @@ class Engine:
         return TextEvent(text, tuple(drawn), len(drawn) - 1, tree_size, draft_s, target_s), done
 
     def _tree_pass(
-        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator
+        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, request: _Request
     ) -> tuple[list[int], int, float, float]:
         """Grow, verify, walk: (new tokens, tree size, draft seconds, target seconds); prunes both caches."""
         sampling = config.sampling
@@ -245,26 +257,51 @@ class Engine:
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
         growth = self.costs.growth(config.growth, config.auto_width) if config.adaptive else config.growth
         growth = replace(growth, agreement=self.agreement if sampling.greedy else None)
-        grown = speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
+        grown = self._grow(speculator, growth, sampling, generator, request)
         tree, self.last_draft_forwards = grown.tree, grown.draft_forwards
         draft_s = self.clock() - started
-        self.costs.observe_draft(config.width, draft_s, grown.draft_forwards, grown.predicted_s, speculator.times_draft_steps)
+        if grown.draft_forwards:
+            self.costs.observe_draft(config.width, draft_s, grown.draft_forwards, grown.predicted_s, speculator.times_draft_steps)
 
         started = self.clock()
         prefix = self.target_cache.length  # = len(tokens) - 1
-        logits = target_tree_logits(self.target, self.target_cache, tree)  # (N, V)
+        bet = self._bet(speculator, tree, growth, sampling)  # the next tree grows while the target verifies
+        try:
+            logits = target_tree_logits(self.target, self.target_cache, tree)  # (N, V)
+        finally:
+            ahead = self.lookahead.finish(bet) if bet is not None else None  # stopped at its next draft layer
         accepted, drawn = speculator.walk(tree, logits, sampling, generator)
         path = [0] + accepted
         # Keep the root and accepted nodes: slots prefix + node index.
         self.target_cache.keep(prefix, prefix + torch.tensor(path))
-        draft_slots = tree.draft_slots[torch.tensor(path)]
-        self.draft_cache.keep(prefix, draft_slots[draft_slots >= 0])
+        new = tree.tokens[torch.tensor(accepted, dtype=torch.long)].tolist() + [drawn]
+        if bet is not None:
+            self._ahead = self.lookahead.settle(bet, ahead, self.draft, self.draft_cache, accepted, drawn, self.tokens + new)
+        else:
+            draft_slots = tree.draft_slots[torch.tensor(path)]
+            self.draft_cache.keep(prefix, draft_slots[draft_slots >= 0])
         target_s = self.clock() - started
         self.costs.observe_target(config.budget, target_s)
-        new = tree.tokens[torch.tensor(accepted, dtype=torch.long)].tolist() + [drawn]
         if growth.agreement is not None:
             self._observe_agreement(tree, path, new)
         return new, tree.size - 1, draft_s, target_s
+
+    def _bet(self, speculator: Speculator, tree: Tree, growth: GrowthParams, sampling: SamplingParams):
+        """Start the lookahead on ``tree`` (speculation/lookahead.py), where this engine and method have one."""
+        if self.lookahead is None or not speculator.looks_ahead:
+            return None
+        gate = getattr(self.target, "waiting_for_layers", None)  # it drafts only while the target waits for the disk
+        return self.lookahead.start(self.draft, self.draft_cache, self.tokens, tree, growth, sampling, speculator.choose_width, gate)
+
+    def _grow(
+        self, speculator: Speculator, growth: GrowthParams, sampling: SamplingParams, generator: torch.Generator, request: _Request
+    ) -> Growth:
+        """This pass's tree: the one the lookahead began, where it bet right, else a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.tokens == tuple(self.tokens):
+            request.lookahead_hits += 1
+            return speculator.resume(self.draft, self.draft_cache, ahead.builder, growth, sampling, ahead.spent_s)
+        return speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
 
     def _observe_agreement(self, tree: Tree, path: list[int], chosen: list[int]) -> None:
         """After each node of the accepted path the target chose ``chosen[i]``: was it the draft's favourite?"""
@@ -299,9 +336,12 @@ class Engine:
         self._repair()
 
     def _repair(self) -> None:
-        """Restore the invariant: each cache holds at most the first len(tokens) - 1 positions."""
+        """Restore the invariant: each cache holds at most the first len(tokens) - 1 positions --
+        save the draft's, while a tree the lookahead began for this very conversation follows them."""
+        if self._ahead is not None and self._ahead.tokens != tuple(self.tokens):
+            self._ahead = None  # a trimmed or stopped pass: the bet was on other tokens
         limit = max(len(self.tokens) - 1, 0)
-        for cache in (self.target_cache, self.draft_cache):
+        for cache in (self.target_cache, self.draft_cache if self._ahead is None else None):
             if cache is not None:
                 cache.crop(min(cache.length, limit))
 

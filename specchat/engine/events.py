@@ -43,6 +43,7 @@ class GenerationStats:
     finish_reason: str  # "eos" | "length" | "stop" | "interrupted"
     tree_nodes: int = 0  # tree nodes the target verified over all passes, roots excluded (0 in logs that did not record it)
     prompt_tokens: int = 0  # the whole prompt, cached prefix included (0 in logs that did not record it)
+    lookahead_hits: int = 0  # passes whose tree was begun while the target verified the one before
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -80,6 +80,11 @@ class KVCache:
             values[:, :, start:new_length] = values.index_select(2, idx)
             self._lengths[layer] = new_length
 
+    def keep_draft(self, start: int, slots: torch.Tensor) -> None:
+        """A draft's way of keeping entries the target has not verified yet: for a cache of its
+        own, the same as :meth:`keep` (see :meth:`SharedPrefixCache.keep_draft` for the other)."""
+        self.keep(start, slots)
+
     def reset(self) -> None:
         """Forget everything and free the buffers: their capacity is the longest conversation
         seen, which a new one should not keep holding."""
@@ -170,6 +175,22 @@ class SharedPrefixCache:
     def keep(self, start: int, slots: torch.Tensor) -> None:
         """The accepted path's keys and values are the target's now: drop the tail."""
         self.tail.crop(0)
+
+    def keep_draft(self, start: int, slots: torch.Tensor) -> None:
+        """Keep positions ``[0, start)`` followed by the draft's own entries at ``slots`` (absolute,
+        ascending, >= start), moved down behind them -- entries the target has not verified, such
+        as a lookahead tree's.  Where the target's cache holds exactly ``[0, start)`` it serves
+        those positions and the tail keeps only ``slots``; where it holds less, the tail keeps
+        its own entries up to ``start`` as well."""
+        slots = slots.to(torch.long)
+        own = self.start
+        if start == self.base.length:
+            self.tail.keep(0, slots - own)
+            self._start = start
+        elif start > self.base.length and start >= own:
+            self.tail.keep(start - own, slots - own)
+        else:
+            raise ValueError(f"cannot keep {start} positions: the target's cache holds {self.base.length}, the tail starts at {own}")
 
     def reset(self) -> None:
         self.tail.reset()

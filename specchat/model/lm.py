@@ -222,5 +222,11 @@ class LayeredLM:
         if prefetch is not None:
             prefetch()
 
+    @property
+    def waiting_for_layers(self):
+        """A :class:`threading.Event` set while a forward waits for a streamed layer to arrive
+        (the CPU is idle then), or None where the layer source never waits."""
+        return getattr(self.layer_source, "waiting", None)
+
     def bytes_read(self) -> int:
         return self.layer_source.bytes_read()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -73,8 +73,11 @@ class ChatService:
     def __init__(
         self, engine: Engine, encode: Callable[[list[dict[str, str]]], Sequence[int]], model: str,
         defaults: GenerationConfig, queue_size: int = 8, system: str | None = None,
+        generate: Callable[[Sequence[int], GenerationConfig], Iterator[Event]] | None = None,
     ) -> None:
         self.engine = engine
+        # a reply's events: the engine's own, or a pipeline's, which also records the draft's speed
+        self.generate = generate or engine.generate
         self.encode = encode  # messages -> prompt ids, through the model's chat template
         self.model = model  # the name responses carry
         self.defaults = defaults  # what a request that sets nothing gets (the command line's settings)
@@ -168,4 +171,4 @@ class ChatService:
         except EngineError as exc:
             context = "context" in str(exc)
             raise RequestError(400, f"cannot reply: {exc}", "messages", "context_length_exceeded" if context else None) from None
-        return self.engine.generate(prompt_ids, job.config)
+        return self.generate(prompt_ids, job.config)

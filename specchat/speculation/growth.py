@@ -85,6 +85,10 @@ def choose_width(frontier_probs: list[float], width_costs: tuple[tuple[int, floa
     return best[1], best[2]
 
 
+class GrowthStopped(Exception):
+    """Raised from inside a draft forward (by a layer source) to end a growth at once."""
+
+
 class Growth(NamedTuple):
     tree: Tree
     draft_forwards: int
@@ -98,17 +102,30 @@ def grow_specexec(
     growth: GrowthParams,
     sampling: SamplingParams,
     choose: Callable[[list[float], tuple[tuple[int, float], ...]], tuple[int, float]] = choose_width,
+    start: TreeBuilder | None = None,
+    stop: Callable[[], bool] = lambda: False,
+    spent_s: float = 0.0,
 ) -> Growth:
     """Best-first tree of ``growth.budget`` nodes, with its draft forwards (and their calibrated seconds);
-    ``choose`` picks each step's width from the calibrated costs (:func:`choose_width`)."""
-    builder = TreeBuilder(draft, cache, committed)
+    ``choose`` picks each step's width from the calibrated costs (:func:`choose_width`).
+
+    ``start``: a tree already begun, whose root is expanded (:meth:`TreeBuilder.rooted_at`, a
+    lookahead's subtree): growth goes on from it, and only the forwards made here count;
+    ``spent_s``, what growing it so far would have cost, weighs in the adaptive stop as a fresh
+    tree's own steps do (so a tree begun ahead grows as deep as a fresh one, sooner).
+    ``stop`` is asked before every step; True ends the growth there (a forward that raises
+    :class:`GrowthStopped` ends it too, its step undone)."""
     budget = growth.budget
-    # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
-    root_s = growth.width_costs[0][1] if growth.width_costs else (growth.draft_step_s or 0.0)
-    spent_s, predicted_s = root_s, (root_s if growth.width_costs else 0.0)
-    scores, tokens = _child_scores(builder, [0], builder.expand_root(), sampling, growth)  # (1, K) each
-    _offer_children(builder, [0], scores, tokens, budget, threshold=-math.inf)
-    while builder.draft_forwards < growth.max_steps:
+    if start is not None:
+        builder, predicted_s = start, 0.0
+    else:
+        builder = TreeBuilder(draft, cache, committed)
+        # Draft seconds so far as the step costs predict them, starting with the root's forward (one node).
+        root_s = growth.width_costs[0][1] if growth.width_costs else (growth.draft_step_s or 0.0)
+        spent_s, predicted_s = root_s, (root_s if growth.width_costs else 0.0)
+        if stop() or not _expand(builder, cache, [0], sampling, growth, threshold=-math.inf):
+            return Growth(builder.finish([0]), 0)
+    while builder.draft_forwards < growth.max_steps and not stop():
         threshold = _kth_best(builder.scores[1:], budget)
         frontier = [
             n
@@ -128,13 +145,24 @@ def grow_specexec(
         kept = _best_nodes(builder.scores, budget)[1:]
         expected = 1.0 + sum(math.exp(builder.scores[n]) for n in kept)  # draft's estimate of tokens per pass
         mass = sum(math.exp(builder.scores[n]) for n in nodes)
-        if not growth.step_pays_off(mass, expected, spent_s, step_s):
+        if not growth.step_pays_off(mass, expected, spent_s, step_s) or not _expand(builder, cache, nodes, sampling, growth, threshold):
             break
-        scores, tokens = _child_scores(builder, nodes, builder.expand(nodes), sampling, growth)  # (B, K) each
-        _offer_children(builder, nodes, scores, tokens, budget, threshold)
         spent_s += step_s or 0.0
         predicted_s += step_s if growth.width_costs else 0.0
     return Growth(builder.finish(_best_nodes(builder.scores, budget)), builder.draft_forwards, predicted_s)
+
+
+def _expand(builder: TreeBuilder, cache: KVCache, nodes: list[int], sampling: SamplingParams, growth: GrowthParams, threshold: float) -> bool:
+    """One draft forward over ``nodes`` (``[0]``: the root, with the pending tokens), their children
+    offered; False where the forward was stopped, its entries undone in every layer."""
+    try:
+        logits = builder.expand_root() if nodes == [0] else builder.expand(nodes)  # (B, V)
+    except GrowthStopped:  # mid-forward: some layers hold this step's entries, the rest do not
+        cache.crop(cache.length)
+        return False
+    scores, tokens = _child_scores(builder, nodes, logits, sampling, growth)  # (B, K) each
+    _offer_children(builder, nodes, scores, tokens, growth.budget, threshold)
+    return True
 
 
 def _child_scores(

@@ -14,7 +14,7 @@ from specchat.model.kvcache import KVCache
 from specchat.model.lm import LanguageModel
 from specchat.speculation.growth import Growth, GrowthParams, choose_width, grow_specexec, grow_specinfer
 from specchat.speculation.sampling import SamplingParams
-from specchat.speculation.tree import Tree
+from specchat.speculation.tree import Tree, TreeBuilder
 from specchat.speculation.verify import walk_specexec, walk_specinfer
 
 
@@ -23,6 +23,9 @@ class Speculator(Protocol):
     # Whether its draft steps are all of one width, so that their measured seconds may steer
     # SpecExec's adaptive stop (SpecInfer's levels have other widths and would mislead it).
     times_draft_steps: bool
+    # Whether the engine may grow its next tree while the target verifies this one
+    # (speculation/lookahead.py; its growth must not draw random numbers, as SpecExec's does not).
+    looks_ahead: bool
 
     def grow(
         self, draft: LanguageModel, cache: KVCache, committed: list[int], growth: GrowthParams,
@@ -46,10 +49,15 @@ class SpecExec:
 
     name: str = "specexec"
     times_draft_steps: bool = True
+    looks_ahead: bool = True
     choose_width: Callable = choose_width  # each step's width, from the calibrated step costs
 
     def grow(self, draft, cache, committed, growth, sampling, generator) -> Growth:
         return grow_specexec(draft, cache, committed, growth, sampling, self.choose_width)
+
+    def resume(self, draft, cache, start: TreeBuilder, growth, sampling, spent_s: float) -> Growth:
+        """Go on growing a tree begun by the lookahead (its root expanded; ``spent_s`` its cost so far)."""
+        return grow_specexec(draft, cache, [], growth, sampling, self.choose_width, start=start, spent_s=spent_s)
 
     def walk(self, tree, logits, sampling, generator) -> tuple[list[int], int]:
         return walk_specexec(tree, logits, sampling, generator)
@@ -62,6 +70,7 @@ class SpecInfer:
 
     name: str = "specinfer"
     times_draft_steps: bool = False
+    looks_ahead: bool = False  # its growth samples: a tree grown ahead would draw out of turn
 
     def grow(self, draft, cache, committed, growth, sampling, generator) -> Growth:
         return grow_specinfer(draft, cache, committed, growth, sampling, generator)

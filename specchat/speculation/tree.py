@@ -90,6 +90,33 @@ class TreeBuilder:
         self.draft_forwards = 0
         self._pending = committed[cache.length :]  # tokens the draft has not seen, root last
 
+    @classmethod
+    def rooted_at(
+        cls, draft: LanguageModel, cache: KVCache, committed: list[int], tree: Tree, node: int, new_slot: dict[int, int]
+    ) -> TreeBuilder:
+        """A builder that starts from ``tree``'s subtree at ``node``, now the root (``committed[-1]``).
+
+        ``node`` and its expanded descendants already have draft KV: ``new_slot`` maps each of
+        their slots in ``tree`` to its slot in ``cache`` now (the root's is ``len(committed) - 1``).
+        Path scores become relative to the new root, depths too; nothing is pending."""
+        builder = cls(draft, cache, committed)  # committed[-1] is the node's token
+        builder._pending = []
+        inside = {node: 0}  # old index -> new index, for node and its descendants
+        parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+        base_score = float(tree.scores[node])
+        builder.slots[0] = new_slot[int(tree.draft_slots[node])]
+        builder.favourites[0], builder.favourite_probs[0] = int(tree.favourites[node]), float(tree.favourite_probs[node])
+        for old in range(node + 1, tree.size):  # parents come before children
+            parent = parents[old]
+            if parent not in inside:
+                continue
+            new = builder.add(inside[parent], tokens[old], float(tree.scores[old]) - base_score)
+            inside[old] = new
+            slot = int(tree.draft_slots[old])
+            builder.slots[new] = new_slot[slot] if slot >= 0 else -1
+            builder.favourites[new], builder.favourite_probs[new] = int(tree.favourites[old]), float(tree.favourite_probs[old])
+        return builder
+
     def add(self, parent: int, token: int, score: float) -> int:
         self.tokens.append(token)
         self.parents.append(parent)

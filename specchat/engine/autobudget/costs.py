@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from specchat.engine.autobudget.costmodel import CANDIDATES, Calibration, CostModelTuner, interpolate
+from specchat.engine.autobudget.costmodel import CANDIDATES, PRIOR_BETA, Calibration, CostModelTuner, interpolate
 from specchat.engine.autobudget.measure import measure_calibration
 from specchat.model.lm import LanguageModel
 from specchat.speculation.growth import GrowthParams
@@ -38,6 +38,7 @@ class PassCosts:
     target_pass_s: dict[int, float] = field(default_factory=dict)  # by budget
     draft_scale: float = 1.0  # measured / calibrated draft seconds (auto width)
     largest_budget: int = CANDIDATES[-1]  # the largest tree --budget auto may pick (the RAM's limit)
+    prior_beta: float = PRIOR_BETA  # the tuner's first guess of tokens per doubling of the budget (the draft's kind)
 
     def use(self, calibration: Calibration | None) -> None:
         """Replace the calibration; the tuners built on the old one are dropped."""
@@ -58,7 +59,7 @@ class PassCosts:
         needs the calibration (:meth:`ensure`)."""
         key = (method, temperature, top_p if temperature > 0 else 1.0)
         if key not in self.tuners:
-            self.tuners[key] = CostModelTuner(self.calibration, method, max_depth, largest=self.largest_budget)
+            self.tuners[key] = CostModelTuner(self.calibration, method, max_depth, prior_beta=self.prior_beta, largest=self.largest_budget)
         return self.tuners[key]
 
     def growth(self, base: GrowthParams, auto_width: bool) -> GrowthParams:

@@ -26,6 +26,7 @@ and never read again.
 from __future__ import annotations
 
 import mmap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,6 +114,8 @@ class StreamedLayers:
             max_workers=1, thread_name_prefix="specchat-convert", initializer=torch.set_num_threads, initargs=(CONVERT_THREADS,)
         )
         self._prefetched: _PassState | None = None
+        # Set while a pass waits for the disk: the CPU is idle then (the lookahead's cue to compute).
+        self.waiting = threading.Event()
 
     def prefetch(self) -> None:
         """Start reading (and converting) the first streamed layers of the next pass now.
@@ -146,11 +149,21 @@ class StreamedLayers:
 
     def _next_streamed(self, q: int, state: _PassState) -> nn.Module:
         if self.zero_copy:
-            state.reads.pop(q).result()
+            self._wait(state.reads.pop(q))
             module = self.slots[q % len(self.slots)].module
             set_layer_index(module, self.streamed[q])
             return module
-        return state.fills.pop(q).result().module
+        return self._wait(state.fills.pop(q)).module
+
+    def _wait(self, future: Future):
+        """The future's result; while the compute thread waits for it, :attr:`waiting` is set."""
+        if future.done():
+            return future.result()
+        self.waiting.set()
+        try:
+            return future.result()
+        finally:
+            self.waiting.clear()
 
     def _release(self, q: int, state: _PassState) -> None:
         """The caller is done with stream position ``q``'s slot: refill it with position q + ring."""
