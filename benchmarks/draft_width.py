@@ -16,7 +16,7 @@ import statistics
 
 from specchat.bench.sweep import load_prompts
 from specchat.app.config import RunConfig
-from specchat.engine.engine import GenerationConfig
+from specchat.engine.config import GenerationConfig
 from specchat.engine.events import DoneEvent, TextEvent
 from specchat.app.calibration import calibration_file, calibration_key
 from specchat.app.loader import load_pipeline

@@ -6,9 +6,10 @@ every configuration interleaved prompt by prompt (so a slow minute hurts both dr
 
 Runs AR once per prompt, then SpecExec with each draft at each budget (greedy unless
 ``--temperature``), each from empty caches; `--draft-batch auto` on each engine's own measured
-calibration.  ``--lookahead both`` runs each draft with and without growing the next tree while
-the target verifies (rows marked ``+la``).  Prints one table; every run is appended to ``--log``
-as JSON.
+calibration.  ``--lookahead auto`` grows the next tree while the target verifies where the loader
+would (the self draft beside a streamed target); ``both`` runs each draft with and without it
+(rows marked ``+la``).  ``--sibling-budgets`` gives the sibling budgets of its own.  Prints one
+table; every run is appended to ``--log`` as JSON.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
         started = time.perf_counter()
         calibration = PassCosts().ensure(target, draft, config.max_depth, 8)
         print(f"{name}: calibrated in {time.perf_counter() - started:.0f} s", flush=True)
-        for lookahead in args.lookahead:
+        settings = args.lookahead or ((draft is loaded.engine.draft and loaded.engine.lookahead is not None),)
+        for lookahead in settings:
             costs = PassCosts(calibration, largest_budget=loaded.engine.costs.largest_budget,
                               prior_beta=loaded.engine.costs.prior_beta if draft is loaded.engine.draft else PRIOR_BETA)
             engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None)
@@ -81,6 +83,11 @@ def budget_label(budget: int | None) -> str:
     return "-" if budget == 0 else "auto" if budget is None else str(budget)
 
 
+def parse_budgets(text: str) -> tuple[int | None, ...]:
+    """'16,auto' -> (16, None)."""
+    return tuple(None if b == "auto" else int(b) for b in text.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6)
@@ -92,15 +99,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--self-draft", default="self:int8")
     parser.add_argument("--sibling", default="demo-0.5b", help="'' for none (the self draft alone)")
-    parser.add_argument("--lookahead", default="on", choices=("on", "off", "both"),
-                        help="grow the next tree while the target verifies (both: each draft each way, interleaved)")
+    parser.add_argument("--lookahead", default="auto", choices=("auto", "on", "off", "both"),
+                        help="grow the next tree while the target verifies (auto: as the loader decides; "
+                             "both: each draft each way, interleaved)")
     parser.add_argument("--disk-gbps", type=float, default=0.0, help="emulate a disk reading at most this many GB/s (0: as is)")
     parser.add_argument("--log", type=Path)
+    parser.add_argument("--sibling-budgets", default="", help="the sibling's budgets (default: --budgets)")
     args = parser.parse_args()
-    args.lookahead = {"on": (True,), "off": (False,), "both": (False, True)}[args.lookahead]
+    args.lookahead = {"auto": (), "on": (True,), "off": (False,), "both": (False, True)}[args.lookahead]
     pipelines, loaded = engines(args)
     prompts = load_prompts(None, args.n)
-    budgets = tuple(None if b == "auto" else int(b) for b in args.budgets.split(","))
+    budgets = parse_budgets(args.budgets)
+    sibling_budgets = parse_budgets(args.sibling_budgets or args.budgets)
     base = loaded.config.generation()
     rows: dict[tuple[str, str, int], Row] = {}
     log = args.log.open("a") if args.log else None
@@ -108,7 +118,8 @@ def main() -> None:
         skip = frozenset(i for i in range(len(prompts)) if i != index)
         for name, pipeline in pipelines.items():
             methods = ("ar", "specexec") if name == next(iter(pipelines)) else ("specexec",)
-            bench = BenchConfig(prompts, methods, budgets, (args.temperature,), 0.9, args.max_new_tokens, 0)
+            own = budgets if name.startswith(args.self_draft) else sibling_budgets
+            bench = BenchConfig(prompts, methods, own, (args.temperature,), 0.9, args.max_new_tokens, 0)
             for row in run_bench(pipeline, bench, base, lambda record: None, skip):
                 key = ("-" if row.method == "ar" else name, row.method, row.budget)
                 rows.setdefault(key, Row(row.method, row.budget, row.temperature)).runs += row.runs

@@ -18,7 +18,7 @@ import torch
 
 from specchat.bench.sweep import load_prompts
 from specchat.app.config import RunConfig
-from specchat.engine.engine import GenerationConfig
+from specchat.engine.config import GenerationConfig
 from specchat.model.lm import causal_visibility
 from specchat.app.loader import load_pipeline
 

@@ -45,8 +45,8 @@ _EXPORTS = {
     "stream_generate": "specchat.app.generate",
     "generate": "specchat.app.generate",
     "Engine": "specchat.engine.engine",
-    "GenerationConfig": "specchat.engine.engine",
-    "EngineError": "specchat.engine.engine",
+    "GenerationConfig": "specchat.engine.config",
+    "EngineError": "specchat.engine.config",
     # the events the engine yields
     "Event": "specchat.engine.events",
     "TextEvent": "specchat.engine.events",
@@ -56,7 +56,7 @@ _EXPORTS = {
     # a conversation
     "ChatSession": "specchat.app.chat",
     "Notice": "specchat.app.chat",
-    "METHODS": "specchat.engine.engine",
+    "METHODS": "specchat.engine.config",
     "resolve_device": "specchat.model.placement",
     # where specchat keeps things
     "config_file": "specchat.common.paths",

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.model.lm import LayeredLM
 from specchat.speculation.agreement import BINS, GreedyAgreement
 from tiny import CharTokenizer, tiny_hf

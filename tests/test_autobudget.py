@@ -16,7 +16,8 @@ from specchat.engine.autobudget.costmodel import (
     save_calibration,
 )
 from specchat.engine.autobudget.costs import PassCosts
-from specchat.engine.engine import DEFAULT_DRAFT_BATCH, Engine, GenerationConfig
+from specchat.engine.config import DEFAULT_DRAFT_BATCH, GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.speculation.growth import Growth, choose_width
 from specchat.speculation.speculator import SpecExec
 

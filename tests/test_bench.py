@@ -236,7 +236,7 @@ def test_bench_reports_tree_nodes_per_pass_and_logs_full_growth(tiny_dirs, tmp_p
 @pytest.mark.parametrize("full", [True, False])
 def test_full_growth_turns_the_adaptive_stop_off(full):
     from specchat.bench.sweep import BenchConfig, run_bench
-    from specchat.engine.engine import GenerationConfig
+    from specchat.engine.config import GenerationConfig
     from specchat.engine.events import DoneEvent, GenerationStats
 
     seen = []

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from specchat.app.chat import ChatSession, Notice, load_session, save_session
 from specchat.cli.app import app
 from specchat.app.config import RunConfig
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.common.errors import InputError
 from specchat.engine.events import DoneEvent
 from specchat.model.lm import causal_visibility

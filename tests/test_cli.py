@@ -7,7 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from specchat.cli.app import app
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.model.loading import load_resident
 from specchat.app.loader import encode_chat
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from specchat.app.config import RunConfig
-from specchat.engine.engine import GenerationConfig
+from specchat.engine.config import GenerationConfig
 from specchat.app.loader import load_pipeline
 
 pytestmark = pytest.mark.demo

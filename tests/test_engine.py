@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from specchat.engine.engine import Engine, EngineError, GenerationConfig
+from specchat.engine.config import EngineError, GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.engine.events import DoneEvent, TextEvent
 from specchat.model.lm import LayeredLM, causal_visibility
 from specchat.speculation.lookahead import Lookahead

@@ -449,7 +449,8 @@ def test_prefetch_reads_the_first_layers_before_the_pass_and_changes_nothing_els
 
 
 def test_the_engine_hints_a_streamed_target_before_drafting(model_dir, tmp_path):
-    from specchat.engine.engine import Engine, GenerationConfig
+    from specchat.engine.config import GenerationConfig
+    from specchat.engine.engine import Engine
 
     from tiny import CharTokenizer, tiny_lm
 
@@ -481,7 +482,8 @@ def test_a_streamed_pass_says_when_it_waits_for_the_disk_and_a_lookahead_gated_o
     import threading
     import time
 
-    from specchat.engine.engine import Engine, GenerationConfig
+    from specchat.engine.config import GenerationConfig
+    from specchat.engine.engine import Engine
     from specchat.speculation.lookahead import Lookahead
 
     from tiny import CharTokenizer

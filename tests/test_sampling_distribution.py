@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.model.lm import causal_visibility
 from specchat.speculation.sampling import SamplingParams, probabilities
 

@@ -11,7 +11,8 @@ from specchat.app.config import RunConfig
 from specchat.app.loader import load_pipeline
 from specchat.cli.app import app
 from specchat.engine.autobudget.costmodel import PRIOR_BETA, SELF_DRAFT_PRIOR_BETA
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.model.kvcache import KVCache, SharedPrefixCache
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
@@ -321,4 +322,57 @@ def test_the_loaded_engine_looks_ahead_where_the_target_streams_and_expects_deep
     done = list(pipeline.generate(ids, config.generation()))[-1]
     plain_engine = Engine(pipeline.engine.target, None, pipeline.tokenizer, pipeline.engine.eos_token_ids)
     plain = list(plain_engine.generate(ids, GenerationConfig(method="ar", max_new_tokens=12)))[-1]
+    assert done.token_ids == plain.token_ids
+
+
+def test_a_4bit_targets_self_draft_rounds_the_nf4_weights_and_is_kept_apart(tiny_target, tiny_dirs, tmp_path):
+    """For an NF4 target the copy is the int8 rounding of the weights as the 4-bit store holds
+    them (the model that target computes), in a directory of its own; the 16-bit copy's is another."""
+    from safetensors import safe_open
+
+    from specchat.model.selfdraft import self_draft_dir
+    from specchat.weights.quant4 import roundtrip_nf4
+
+    target, facts = tiny_target
+    of_nf4 = build_self_draft(target.lm, facts, "int8", weights="4bit", cache_dir=tmp_path / "nf4")
+    of_16bit = build_self_draft(target.lm, facts, "int8")
+    name = "model.layers.1.mlp.down_proj.weight"
+    [file] = [f for f in sorted(tiny_dirs["target"].glob("*.safetensors")) if name in safe_open(str(f), "pt").keys()]
+    weight = safe_open(str(file), "pt").get_tensor(name)
+    for copy, source in ((of_nf4, roundtrip_nf4(weight)), (of_16bit, weight)):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight = nn.Parameter(source.to(target.lm.dtype), requires_grad=False)
+        want = Int8Linear.quantize(linear)
+        got = list(copy.layer_source.layers())[1].mlp.down_proj
+        assert torch.equal(got.weight_int8, want.weight_int8) and torch.equal(got.scales, want.scales)
+    assert not torch.equal(list(of_nf4.layer_source.layers())[1].mlp.down_proj.weight_int8,
+                           list(of_16bit.layer_source.layers())[1].mlp.down_proj.weight_int8)
+    store_root = tmp_path / "stores"
+    assert self_draft_dir(store_root, facts, "int8", "4bit") != self_draft_dir(store_root, facts, "int8")
+    assert self_draft_dir(store_root, facts, "int8", "4bit").name.endswith("-self-int8-of-nf4")
+    assert json.loads((tmp_path / "nf4" / "manifest.json").read_text())["contents"]["weights"] == "nf4"
+
+
+def test_with_a_4bit_target_the_nf4_copy_agrees_more_and_speculation_stays_exact(tiny_dirs, tmp_path):
+    """Loaded as `run --quant 4bit --draft self` does: the draft copies the NF4 weights, so it takes
+    the NF4 target's greedy token at least as often as a copy of the 16-bit checkpoint; greedy
+    SpecExec equals the NF4 target's own greedy reply."""
+    config = RunConfig(model=str(tiny_dirs["target"]), draft="self:int8", quant="4bit", offload="ssd", ram_budget=1,
+                       store=tmp_path / "stores", budget=8, max_new_tokens=24)
+    pipeline = load_pipeline(config)
+    target, draft = pipeline.engine.target, pipeline.engine.draft
+    assert any(p.name.endswith("-self-int8-of-nf4") for p in (tmp_path / "stores").iterdir())
+    of_16bit = build_self_draft(target, read_facts(tiny_dirs["target"]), "int8")
+    ids = torch.arange(1, 60)
+    visible = torch.ones(59, 59, dtype=torch.bool).tril()
+    ours = target.forward(ids, torch.arange(59), visible, target.new_cache())  # (59, V)
+    agree = {
+        name: (model.forward(ids, torch.arange(59), visible, model.new_cache()).argmax(-1) == ours.argmax(-1)).float().mean()
+        for name, model in (("nf4", draft), ("16bit", of_16bit))
+    }
+    assert agree["nf4"] >= agree["16bit"] and agree["nf4"] >= 0.9, agree
+    prompt = pipeline.encode_chat([{"role": "user", "content": "the sea"}])
+    done = list(pipeline.generate(prompt, config.generation()))[-1]
+    plain = list(Engine(target, None, pipeline.tokenizer, pipeline.engine.eos_token_ids).generate(
+        prompt, GenerationConfig(method="ar", max_new_tokens=24)))[-1]
     assert done.token_ids == plain.token_ids

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from specchat.app.config import RunConfig
 from specchat.app.loader import load_pipeline
 from specchat.cli.app import app
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.server.config import ServeConfig
 from specchat.server.http import create_app
 from specchat.server.listen import bind_socket, server_for

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from specchat.engine.engine import METHODS, EngineError, GenerationConfig
+from specchat.engine.config import METHODS, EngineError, GenerationConfig
 from specchat.common.errors import InputError, ResourceError
 from specchat.common.files import atomic_write
 from specchat.engine.events import DoneEvent, Event, GenerationStats, TextEvent

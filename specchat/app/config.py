@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from specchat.engine.engine import METHODS, GenerationConfig
+from specchat.engine.config import METHODS, GenerationConfig
 from specchat.common.errors import ConfigError
 from specchat.model.selfdraft import self_draft_kind
 from specchat.weights.precision import DTYPE_CHOICES

@@ -23,7 +23,7 @@ import torch
 from specchat.app.config import RunConfig
 from specchat.common.files import atomic_write
 from specchat.common.paths import config_file
-from specchat.engine.engine import GenerationConfig
+from specchat.engine.config import GenerationConfig
 from specchat.engine.events import GenerationStats
 from specchat.model.placement import OffloadPlan, resolve_quant
 from specchat.weights.precision import dtype_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from specchat.app.loader import Pipeline
-from specchat.engine.engine import GenerationConfig
+from specchat.engine.config import GenerationConfig
 from specchat.engine.events import DoneEvent, Event
 
 Messages = list[dict[str, str]]

@@ -16,7 +16,8 @@ from specchat.common.errors import SpecchatError
 from specchat.common.paths import cache_dir
 from specchat.engine.autobudget.costmodel import PRIOR_BETA, SELF_DRAFT_PRIOR_BETA
 from specchat.engine.autobudget.costs import PassCosts
-from specchat.engine.engine import Engine, GenerationConfig
+from specchat.engine.config import GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.engine.events import DoneEvent, Event, GenerationStats
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, largest_tree, place_target, resolve_device
@@ -112,7 +113,7 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     store_root = config.store or cache_dir() / "stores"
     target = load_target(target_facts, plan, machine, choice.load_bytes, store_root, progress)
     progress(plan.reason)
-    draft = _load_draft(choice, config, machine, target, store_root, progress)
+    draft = _load_draft(choice, config, machine, target, plan, store_root, progress)
     costs = PassCosts(prior_beta=SELF_DRAFT_PRIOR_BETA if choice.self_kind else PRIOR_BETA)
     engine = Engine(
         target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids, costs=costs, lookahead=_lookahead(plan, target_facts, choice)
@@ -147,13 +148,15 @@ def _draft_bits(choice: DraftChoice, config: RunConfig, machine: Machine) -> int
 
 
 def _load_draft(
-    choice: DraftChoice, config: RunConfig, machine: Machine, target: LoadedModel, store_root: Path, progress: Progress
+    choice: DraftChoice, config: RunConfig, machine: Machine, target: LoadedModel, plan: OffloadPlan, store_root: Path,
+    progress: Progress,
 ) -> LoadedModel | None:
     if choice.facts is None:
         return None
     if choice.self_kind:
-        where = self_draft_dir(store_root, choice.facts, choice.self_kind)
-        lm = build_self_draft(target.lm, choice.facts, choice.self_kind, progress, cache_dir=where)
+        weights = plan.quant  # a 4-bit target's copy rounds its NF4 weights
+        where = self_draft_dir(store_root, choice.facts, choice.self_kind, weights)
+        lm = build_self_draft(target.lm, choice.facts, choice.self_kind, progress, cache_dir=where, weights=weights)
         return LoadedModel(lm, target.tokenizer, target.path)
     progress(f"loading {choice.ref.display}")
     if int8_draft(config, machine.device):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specchat.engine.engine import EngineError, GenerationConfig
+from specchat.engine.config import EngineError, GenerationConfig
 from specchat.common.errors import InputError
 from specchat.engine.events import DoneEvent, GenerationStats
 

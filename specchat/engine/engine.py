@@ -24,14 +24,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from specchat.common.iostats import disk_read_bytes
 from specchat.engine.autobudget.costmodel import CostModelTuner
 from specchat.engine.autobudget.costs import PassCosts
-from specchat.engine.events import DoneEvent, Event, GenerationStats, PrefillEvent, TextEvent
+from specchat.engine.config import EngineError, GenerationConfig
+from specchat.engine.events import DoneEvent, Event, PrefillEvent, TextEvent
+from specchat.engine.tally import Tally
 from specchat.engine.textstream import TextStream
 from specchat.model.lm import LanguageModel, causal_visibility
 from specchat.model.kvcache import SharedPrefixCache
@@ -43,79 +45,7 @@ from specchat.speculation.speculator import SPECULATORS, Speculator, speculator_
 from specchat.speculation.tree import Tree
 from specchat.speculation.verify import target_tree_logits
 
-METHODS = (*SPECULATORS, "ar")
-DEFAULT_DRAFT_BATCH = 8  # nodes per draft step when the width is fixed (or auto has no step costs yet)
 PREFILL_CHUNK = 512  # prompt tokens per layer call in a prefill, to bound activation memory
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve (empty prompt, context overflow, ...)."""
-
-
-MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    method: str = "specexec"
-    budget: int | None = 64  # tree nodes per target pass (SpecExec K), root excluded; None = auto (per pass, cost model)
-    max_depth: int = 32
-    draft_batch: int | None = DEFAULT_DRAFT_BATCH  # nodes per draft forward; None = auto (per step, calibrated costs)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    adaptive: bool = True  # SpecExec: stop growing when a draft step costs more than it adds
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("budget", "max_depth", "draft_batch", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1 or value is None and name in ("max_depth", "max_new_tokens"):
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        SamplingParams(self.temperature, self.top_p)  # validates both
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (what torch's generator takes), got {self.seed}")
-
-    @property
-    def auto_budget(self) -> bool:
-        return self.budget is None
-
-    @property
-    def auto_width(self) -> bool:
-        return self.draft_batch is None
-
-    @property
-    def width(self) -> int:
-        """The draft width a step starts from (auto width rescales it per step)."""
-        return self.draft_batch if self.draft_batch is not None else DEFAULT_DRAFT_BATCH
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p)
-
-    @property
-    def growth(self) -> GrowthParams:
-        """The tree's shape for one pass (an auto budget is resolved per pass before growing)."""
-        if self.budget is None:
-            raise ValueError("an auto budget has no fixed tree size; resolve it per pass")
-        return GrowthParams(self.budget, self.max_depth, self.width)
-
-
-@dataclass
-class _Request:
-    """What one :meth:`Engine.generate` call has produced so far."""
-
-    new_ids: list[int]
-    speculator: Speculator | None  # chosen once per request; None for plain decoding
-    passes: int = 0
-    tree_nodes: int = 0
-    lookahead_hits: int = 0  # passes whose tree the lookahead had begun
-    draft_s: float = 0.0
-    target_s: float = 0.0
-    finish: str = "length"
 
 
 class Engine:
@@ -164,35 +94,21 @@ class Engine:
             decode_start_bytes = disk_read_bytes()
             max_new = min(config.max_new_tokens, self.target.max_context - len(self.tokens) - config.max_depth - 1)
             stream = TextStream(self.tokenizer, config.stop)
-            request = _Request([], speculator_for(config.method, self.speculators) if config.method != "ar" else None)
+            tally = Tally(speculator_for(config.method, self.speculators) if config.method != "ar" else None)
             pass_config = config  # with --budget auto, each pass's own budget
-            while len(request.new_ids) < max_new:
+            while len(tally.new_ids) < max_new:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
-                event, done = self._decode_step(pass_config, generator, tuner, stream, request, max_new)
+                event, done = self._decode_step(pass_config, generator, tuner, stream, tally, max_new)
                 yield event
                 if done:
                     break
-            wall = self.clock() - start_time
-            stats = GenerationStats(
-                method=config.method,
-                budget=(pass_config.budget or (tuner.current if tuner else 0)) if config.method != "ar" else 0,
-                prefill_tokens=prefill_tokens,
-                new_tokens=len(request.new_ids),
-                target_passes=request.passes,
-                tokens_per_pass=len(request.new_ids) / request.passes if request.passes else 0.0,
-                tokens_per_s=len(request.new_ids) / max(wall - prefill_s, 1e-9),
-                wall_s=wall,
-                prefill_s=prefill_s,
-                draft_s=request.draft_s,
-                target_s=request.target_s,
-                disk_read_bytes=disk_read_bytes() - start_bytes,
-                decode_read_bytes=disk_read_bytes() - decode_start_bytes,
-                finish_reason=request.finish,
-                tree_nodes=request.tree_nodes,
-                prompt_tokens=len(prompt_ids),
-                lookahead_hits=request.lookahead_hits,
+            budget = (pass_config.budget or (tuner.current if tuner else 0)) if config.method != "ar" else 0
+            stats = tally.stats(
+                method=config.method, budget=budget, prompt_tokens=len(prompt_ids), prefill_tokens=prefill_tokens,
+                wall_s=self.clock() - start_time, prefill_s=prefill_s,
+                disk_read_bytes=disk_read_bytes() - start_bytes, decode_read_bytes=disk_read_bytes() - decode_start_bytes,
             )
-            yield DoneEvent(stream.text, tuple(request.new_ids), stats)
+            yield DoneEvent(stream.text, tuple(tally.new_ids), stats)
         finally:
             self._ahead = None  # the next request continues another conversation
             self._repair()
@@ -222,34 +138,31 @@ class Engine:
     # -- one target pass -------------------------------------------------------------
     def _decode_step(
         self, config: GenerationConfig, generator: torch.Generator, tuner: CostModelTuner | None,
-        stream: TextStream, request: _Request, max_new: int,
+        stream: TextStream, tally: Tally, max_new: int,
     ) -> tuple[TextEvent, bool]:
         """One pass, committed: (its event, whether the reply is complete)."""
-        if request.speculator is None:
+        if tally.speculator is None:
             drawn, tree_size, draft_s, target_s = self._plain_pass(config.sampling, generator)
         else:
-            drawn, tree_size, draft_s, target_s = self._tree_pass(request.speculator, config, generator, request)
+            drawn, tree_size, draft_s, target_s = self._tree_pass(tally.speculator, config, generator, tally)
         if tuner:
             tuner.observe(config.budget, len(drawn), draft_s, target_s)
-        request.passes += 1
-        request.tree_nodes += tree_size
-        request.draft_s += draft_s
-        request.target_s += target_s
-        drawn, request.finish = self._trim(drawn, max_new - len(request.new_ids))
+        tally.add_pass(tree_size, draft_s, target_s)
+        drawn, tally.finish = self._trim(drawn, max_new - len(tally.new_ids))
         self._commit(drawn)
-        request.new_ids.extend(drawn)
+        tally.new_ids.extend(drawn)
         text, stopped_at = stream.push([t for t in drawn if t not in self.eos_token_ids])
         if stopped_at is not None:
-            request.finish = "stop"
-            self._truncate_to(len(self.tokens) - len(request.new_ids) + stopped_at)
-            del request.new_ids[stopped_at:]
-        done = request.finish != "length" or len(request.new_ids) >= max_new
-        if done and request.finish != "stop":
+            tally.finish = "stop"
+            self._truncate_to(len(self.tokens) - len(tally.new_ids) + stopped_at)
+            del tally.new_ids[stopped_at:]
+        done = tally.finish != "length" or len(tally.new_ids) >= max_new
+        if done and tally.finish != "stop":
             text += stream.flush()
         return TextEvent(text, tuple(drawn), len(drawn) - 1, tree_size, draft_s, target_s), done
 
     def _tree_pass(
-        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, request: _Request
+        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, tally: Tally
     ) -> tuple[list[int], int, float, float]:
         """Grow, verify, walk: (new tokens, tree size, draft seconds, target seconds); prunes both caches."""
         sampling = config.sampling
@@ -257,7 +170,7 @@ class Engine:
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
         growth = self.costs.growth(config.growth, config.auto_width) if config.adaptive else config.growth
         growth = replace(growth, agreement=self.agreement if sampling.greedy else None)
-        grown = self._grow(speculator, growth, sampling, generator, request)
+        grown = self._grow(speculator, growth, sampling, generator, tally)
         tree, self.last_draft_forwards = grown.tree, grown.draft_forwards
         draft_s = self.clock() - started
         if grown.draft_forwards:
@@ -294,12 +207,12 @@ class Engine:
         return self.lookahead.start(self.draft, self.draft_cache, self.tokens, tree, growth, sampling, speculator.choose_width, gate)
 
     def _grow(
-        self, speculator: Speculator, growth: GrowthParams, sampling: SamplingParams, generator: torch.Generator, request: _Request
+        self, speculator: Speculator, growth: GrowthParams, sampling: SamplingParams, generator: torch.Generator, tally: Tally
     ) -> Growth:
         """This pass's tree: the one the lookahead began, where it bet right, else a new one."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.tokens == tuple(self.tokens):
-            request.lookahead_hits += 1
+            tally.lookahead_hits += 1
             return speculator.resume(self.draft, self.draft_cache, ahead.builder, growth, sampling, ahead.spent_s)
         return speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
 

@@ -3,7 +3,9 @@
 The draft is the target's own architecture: it calls the target's embedding table, rotary
 table, final norm and LM head (the same tensors, no second copy) and runs a low-bit resident
 copy of the target's decoder layers (:mod:`specchat.weights.lowbit`), built from the
-checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.
+checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.  For a
+4-bit (NF4) target the copy rounds the weights as the NF4 store holds them, the model that
+target computes, not the 16-bit checkpoint it was rounded from.
 Because it is the target with rounded weights, it agrees with the target far more often than
 a smaller sibling model does (SubSpec, arXiv 2509.18344, section 3).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from specchat.sources.facts import LAYER_PREFIX, ModelFacts
 from specchat.weights.layerfiles import LayerFiles
 from specchat.weights.store import store_dir_for
 from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer, tune_int8
+from specchat.weights.quant4 import quantizable, roundtrip_nf4
 
 SELF = "self"
 DEFAULT_SELF_KIND = "int8"
@@ -43,9 +47,24 @@ def self_draft_kind(spec: str) -> str | None:
     return kind
 
 
-def self_draft_dir(store_root: Path, facts: ModelFacts, kind: str) -> Path:
-    """Where the low-bit copy of ``facts``'s model is kept: beside its layer stores."""
-    return store_dir_for(store_root, facts.path, f"self-{kind}")
+def self_draft_dir(store_root: Path, facts: ModelFacts, kind: str, weights: str = "16bit") -> Path:
+    """Where the low-bit copy of ``facts``'s model (its ``weights``: 16bit or 4bit) is kept: beside its layer stores."""
+    return store_dir_for(store_root, facts.path, f"self-{kind}" + ("-of-nf4" if weights == "4bit" else ""))
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """What a low-bit copy is made of: the model, its rounding, the 16-bit dtype it computes in,
+    and whether it copies the weights as the NF4 store holds them."""
+
+    facts: ModelFacts
+    kind: str
+    dtype: torch.dtype
+    of_nf4: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.kind + (" of the NF4 weights" if self.of_nf4 else "")
 
 
 def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
@@ -55,27 +74,30 @@ def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
 
 def build_self_draft(
     target: LayeredLM, facts: ModelFacts, kind: str, progress: Callable[[str], None] = lambda message: None,
-    shares_cache: bool = True, cache_dir: Path | None = None,
+    shares_cache: bool = True, cache_dir: Path | None = None, weights: str = "16bit",
 ) -> LayeredLM:
     """``target``'s embeddings and head over a ``kind`` copy of its decoder layers, on the CPU; with
     ``shares_cache`` the engine gives it the target's keys and values for the committed prefix.
+    ``weights`` are the target's: ``"4bit"`` copies the NF4 rounding of the checkpoint (what an NF4
+    target computes with), ``"16bit"`` the checkpoint itself.
 
     With ``cache_dir`` the copy is kept there (:class:`LayerFiles`): loaded when a checked one of
     these weights is there, else built and written layer by layer (an interrupted build resumes).
     A cache that cannot be written costs only the time to build the copy again next run."""
-    dtype = layer_dtype(target.dtype)
-    files = LayerFiles(cache_dir, facts.path, facts.num_layers, {"kind": kind, "dtype": str(dtype)}) if cache_dir else None
-    layers = _load_copy(files, facts, kind, dtype, progress) if files is not None and files.complete() else None
+    copy = _Copy(facts, kind, layer_dtype(target.dtype), weights == "4bit")
+    meta = {"kind": kind, "dtype": str(copy.dtype)} | ({"weights": "nf4"} if copy.of_nf4 else {})
+    files = LayerFiles(cache_dir, facts.path, facts.num_layers, meta) if cache_dir else None
+    layers = _load_copy(files, copy, progress) if files is not None and files.complete() else None
     if layers is None and files is not None:
-        layers = _build_locked(files, facts, kind, dtype, progress)
+        layers = _build_locked(files, copy, progress)
     elif layers is None:
-        layers = _build_copy(None, facts, kind, dtype, progress)
+        layers = _build_copy(None, copy, progress)
     if kind == "int8":
-        tune_int8(layers, dtype)
-    return target.with_layers(ResidentLayers(layers), dtype, shares_cache)
+        tune_int8(layers, copy.dtype)
+    return target.with_layers(ResidentLayers(layers), copy.dtype, shares_cache)
 
 
-def _build_locked(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module]:
+def _build_locked(files: LayerFiles, copy: _Copy, progress) -> list[nn.Module]:
     """Build under the directory's lock (a second process waits, then loads what the first built);
     a directory that cannot even be locked is a cache that cannot be kept."""
     with ExitStack() as held:
@@ -83,36 +105,40 @@ def _build_locked(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.
             held.enter_context(build_lock(files.path / LOCK, progress, f"building {files.path}"))
         except OSError as exc:
             _not_kept(files, exc, progress)
-            return _build_copy(None, facts, kind, dtype, progress)
-        layers = _load_copy(files, facts, kind, dtype, progress) if files.complete() else None
-        return layers if layers is not None else _build_copy(files, facts, kind, dtype, progress)
+            return _build_copy(None, copy, progress)
+        layers = _load_copy(files, copy, progress) if files.complete() else None
+        return layers if layers is not None else _build_copy(files, copy, progress)
 
 
-def _load_copy(files: LayerFiles, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module] | None:
+def _load_copy(files: LayerFiles, copy: _Copy, progress) -> list[nn.Module] | None:
     """The saved copy's layers, or None (with a note) where a file of it is damaged."""
-    make_layer, layers = _layer_maker(facts), []
+    make_layer, layers = _layer_maker(copy.facts), []
     try:
-        for index in range(facts.num_layers):
-            layers.append(_saved_layer(files, make_layer, index, kind, dtype))
+        for index in range(copy.facts.num_layers):
+            layers.append(_saved_layer(files, make_layer, index, copy))
     except (CorruptModel, RuntimeError) as exc:  # RuntimeError: tensors of other names or shapes
         progress(f"the saved self draft in {files.path} cannot be used ({getattr(exc, 'what', exc)}); building it again")
         return None
-    progress(f"self draft ({kind}) loaded from {files.path}")
+    progress(f"self draft ({copy.label}) loaded from {files.path}")
     return layers
 
 
-def _build_copy(files: LayerFiles | None, facts: ModelFacts, kind: str, dtype: torch.dtype, progress) -> list[nn.Module]:
+def _build_copy(files: LayerFiles | None, copy: _Copy, progress) -> list[nn.Module]:
     """Quantise the checkpoint's layers one at a time, saving each where ``files`` says (if it can)."""
-    files = _writable(files, self_draft_bytes(facts, kind), progress)
-    make_layer, tensors, layers = _layer_maker(facts), _checkpoint_tensors(facts.path), []
+    facts = copy.facts
+    files = _writable(files, self_draft_bytes(facts, copy.kind), progress)
+    tensors = _checkpoint_tensors(facts.path)
+    make_layer, layers = _layer_maker(facts), []
+    if copy.of_nf4:
+        tensors = {name: _as_nf4(name, load) for name, load in tensors.items()}
     for index in range(facts.num_layers):
         if files is not None and files.has(index):  # written by an interrupted build of these weights
-            layers.append(_saved_layer(files, make_layer, index, kind, dtype))
+            layers.append(_saved_layer(files, make_layer, index, copy))
         else:
-            layers.append(quantize_layer(make_layer(index, tensors).to(dtype), kind).eval())
+            layers.append(quantize_layer(make_layer(index, tensors).to(copy.dtype), copy.kind).eval())
             files = _save(files, index, layers[-1], progress)
         if index + 1 in (1, facts.num_layers) or (index + 1) % 8 == 0:
-            progress(f"building the self draft ({kind}): {index + 1}/{facts.num_layers} layers")
+            progress(f"building the self draft ({copy.label}): {index + 1}/{facts.num_layers} layers")
     if files is not None:
         try:
             files.finish()
@@ -121,8 +147,21 @@ def _build_copy(files: LayerFiles | None, facts: ModelFacts, kind: str, dtype: t
     return layers
 
 
-def _saved_layer(files: LayerFiles, make_layer, index: int, kind: str, dtype: torch.dtype) -> nn.Module:
-    shell = quantize_layer(make_layer(index, None).to(dtype), kind, shell=True)
+def _as_nf4(name: str, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A loader of tensor ``name`` as the 4-bit store keeps it: a decoder layer's 2-D weight
+    rounded to NF4 and back (the same rounding, of the same checkpoint tensor); others as they are."""
+    if not name.startswith(LAYER_PREFIX):
+        return load
+
+    def rounded() -> torch.Tensor:
+        tensor = load()
+        return roundtrip_nf4(tensor) if quantizable(name, tuple(tensor.shape)) else tensor
+
+    return rounded
+
+
+def _saved_layer(files: LayerFiles, make_layer, index: int, copy: _Copy) -> nn.Module:
+    shell = quantize_layer(make_layer(index, None).to(copy.dtype), copy.kind, shell=True)
     shell.load_state_dict(files.read(index), strict=True, assign=True)
     return shell.eval()
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 
 import anyio
 
-from specchat.engine.engine import Engine, EngineError, GenerationConfig
+from specchat.engine.config import EngineError, GenerationConfig
+from specchat.engine.engine import Engine
 from specchat.engine.events import Event, TextEvent
 from specchat.server.protocol import ChatRequest, RequestError
 
