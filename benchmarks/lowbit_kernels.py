@@ -37,7 +37,7 @@ def main() -> None:
     for out_features, in_features in ((8960, 1536), (1536, 8960)):
         linear = nn.Linear(in_features, out_features, bias=False)
         dense = copy.deepcopy(linear).to(torch.bfloat16)
-        int8, int4 = Int8Linear(linear), Int4Linear(linear)
+        int8, int4 = Int8Linear.quantize(dense), Int4Linear.quantize(dense)
         dynamic = quantize_dynamic(nn.Sequential(copy.deepcopy(linear)), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
         with torch.no_grad():
             for rows in ROWS:

@@ -253,14 +253,16 @@ def test_draft_speeds_count_from_enough_tokens_decay_and_survive_a_damaged_file(
     assert measured_speed(path, "other") == pytest.approx(MIN_TOKENS)
 
 
-def test_draft_auto_takes_the_sibling_for_a_streamed_4bit_target(paired_registry, tmp_path):
+def test_draft_auto_takes_the_int4_copy_of_the_nf4_weights_for_a_streamed_4bit_target(paired_registry, tmp_path):
     args = ["run", "--model", "tiny-target", "--draft", "auto", "--budget", "4", "--max-new-tokens", "5", "--json",
             "--offload", "ssd", "--quant", "4bit", "--ram-budget", "1000", "--store", str(tmp_path / "stores"), "the sea"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
-    assert line.startswith("draft tiny-draft: the first registered draft")
-    assert json.loads(result.stdout)["stats"]["draft"]["name"] == "tiny-draft"
+    assert line.startswith("draft self:int4: the target streams 2 of its 2 layers from the disk every pass")
+    assert "its own NF4 layers in int4" in line and line.endswith("rather than tiny-draft")
+    assert json.loads(result.stdout)["stats"]["draft"]["name"] == "self:int4"
+    assert any(path.name.endswith("-of-nf4") for path in (tmp_path / "stores").iterdir())
 
 
 def test_draft_auto_refuses_drafts_that_do_not_fit(paired_registry, monkeypatch):

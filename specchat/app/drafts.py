@@ -15,7 +15,7 @@ from specchat.app.config import RunConfig
 from specchat.app.draftspeed import measured_speed, speed_file, speed_key
 from specchat.common.errors import InputError, ModelNotFound, SpecchatError
 from specchat.model.loading import check_same_tokenizer, load_tokenizer
-from specchat.model.placement import RAM_HEADROOM, Machine, OffloadPlan, draft_bytes, room_beside_target
+from specchat.model.placement import RAM_HEADROOM, Machine, OffloadPlan, draft_bytes, resolve_quant, room_beside_target
 from specchat.model.selfdraft import DEFAULT_SELF_KIND, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import ModelEntry
@@ -71,9 +71,13 @@ def choose_draft(
     return _auto_draft(config, target_ref, target, registry, machine, place, progress)
 
 
-def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: Machine, room: int) -> DraftChoice:
-    """``--draft auto`` for a target models.toml pairs with no draft: its own layers in int8, where they fit."""
-    needed = int(self_draft_bytes(target, DEFAULT_SELF_KIND) * RAM_HEADROOM)
+def _self_draft_for_unpaired(
+    config: RunConfig, target_ref: ModelRef, target: ModelFacts, machine: Machine, room: int
+) -> DraftChoice:
+    """``--draft auto`` for a target models.toml pairs with no draft: its own layers in low bits
+    (:func:`self_kind_for`), where they fit."""
+    kind = self_kind_for(config.quant)
+    needed = int(self_draft_bytes(target, kind) * RAM_HEADROOM)
     if machine.device.type != "cpu" or needed > room:
         why = "a self draft runs on the CPU only so far" if machine.device.type != "cpu" else (
             f"a self draft needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB are left beside the target"
@@ -82,10 +86,10 @@ def _self_draft_for_unpaired(target_ref: ModelRef, target: ModelFacts, machine: 
             f"no registered draft pairs with {target_ref.display}, and {why}",
             "name one with --draft, or use --draft none for plain decoding",
         )
-    choice = _self_draft(target, DEFAULT_SELF_KIND, machine)
+    choice = _self_draft(target, kind, machine)
     reason = (
-        f"draft self:{DEFAULT_SELF_KIND}: no registered draft pairs with {target_ref.display}, so its own layers "
-        f"in {DEFAULT_SELF_KIND} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB), sharing its embeddings and head"
+        f"draft self:{kind}: no registered draft pairs with {target_ref.display}, so its own layers "
+        f"in {kind} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB), sharing its embeddings and head"
     )
     return replace(choice, reason=reason)
 
@@ -99,19 +103,22 @@ def _self_or_sibling(
 
     A streamed pass costs the disk's time for its layers whatever the tree, so what counts is
     how many tokens a pass accepts, and a copy of the target agrees with it far more often
-    than a smaller model does (docs/benchmarks.md, session 21: 3.9x AR against the sibling's
-    2.9x in the SSD scenario).  A resident target computes a pass about as fast as its low-bit
-    copy takes a draft step on a CPU, so there the smaller sibling is taken first (6.08 against
-    5.80 tok/s there).  So is it for a 4-bit target: the self draft is built from the 16-bit
-    weights, so it agrees with an NF4 target less (4.95 against 3.98 tok/s for the sibling,
-    session 21)."""
+    than a smaller model does (docs/benchmarks.md, sessions 21 and 23: 3.9-4.9x AR against the
+    sibling's 2.9-3.0x in the SSD scenario).  A resident target computes a pass about as fast as
+    its low-bit copy takes a draft step on a CPU, so there the smaller sibling is taken first
+    (6.08 against 5.80 tok/s there).  A 4-bit target streams 3.5x fewer bytes, so its pass is
+    short and the draft's step cost counts more: its self draft is the int4 copy of its NF4
+    weights (:func:`self_kind_for`; 1.26x the sibling's tok/s, where the int8 copy was 1.04x,
+    session 24)."""
     if machine.device.type != "cpu":
         return sibling
-    kind, load_bytes = DEFAULT_SELF_KIND, self_draft_bytes(target, DEFAULT_SELF_KIND)
+    kind = self_kind_for(config.quant)
+    load_bytes = self_draft_bytes(target, kind)
     needed = int(load_bytes * RAM_HEADROOM)
     if needed > room:
         return sibling
-    fits = f"its own layers in {kind} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB)"
+    layers = "its own NF4 layers" if resolve_quant(config.quant) == "4bit" else "its own layers"
+    fits = f"{layers} in {kind} ({needed / 1e9:.2f} of {room / 1e9:.1f} GB)"
     plan = place(load_bytes)  # the plan the loader will load by, should this draft be chosen
     speeds = _measured_speeds(config, target_ref, machine, (f"self:{kind}", plan), (sibling.name, place(sibling.load_bytes)))
     if speeds is not None:
@@ -126,13 +133,19 @@ def _self_or_sibling(
             f"({own:.2f} against {other:.2f} tok/s of decoding); {fits}"
         ))
     streamed = target.num_layers - plan.resident_layers if plan.store_dtype is not None else 0
-    if streamed == 0 or plan.quant == "4bit":  # an NF4 target is not the model the self draft copies
+    if streamed == 0:
         return sibling
     reason = (
         f"draft self:{kind}: the target streams {streamed} of its {target.num_layers} layers from the disk every pass, "
         f"so the draft that agrees with it most pays: {fits} rather than {sibling.name}"
     )
     return replace(_self_draft(target, kind, machine), reason=reason)
+
+
+def self_kind_for(quant: str) -> str:
+    """The self draft ``--draft auto`` weighs for a target of ``--quant quant``: int4 beside a
+    4-bit target (a copy of its NF4 weights, whose pass is too short for int8's dearer steps), else int8."""
+    return "int4" if resolve_quant(quant) == "4bit" else DEFAULT_SELF_KIND
 
 
 def _measured_speeds(
@@ -174,7 +187,7 @@ def _auto_draft(
     candidates = list(target_ref.entry.drafts) if target_ref.entry else []
     room = room_beside_target(target, config.offload, config.ram_budget, machine.dtype, machine.device, machine.memory)
     if not candidates:
-        return _self_draft_for_unpaired(target_ref, target, machine, room)
+        return _self_draft_for_unpaired(config, target_ref, target, machine, room)
     target_tokenizer = load_tokenizer(target.path)
     skipped = []
     for name in candidates:

@@ -13,14 +13,14 @@ import torch
 
 from specchat.app.calibration import calibrate_for_setup
 from specchat.app.config import RunConfig
-from specchat.app.drafts import int8_draft
+from specchat.app.drafts import int8_draft, self_kind_for
 from specchat.app.loader import load_pipeline
 from specchat.common.errors import ConfigError, ModelNotFound
 from specchat.common.files import atomic_write, check_free_disk
 from specchat.common.paths import cache_dir, config_file
 from specchat.model.placement import draft_bytes, free_memory, place_target, resolve_device
 from specchat.model.target import open_layer_store
-from specchat.model.selfdraft import DEFAULT_SELF_KIND, self_draft_bytes, self_draft_kind
+from specchat.model.selfdraft import self_draft_bytes, self_draft_kind
 from specchat.sources.facts import ModelFacts, read_facts
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import HUB_FILE_PATTERNS, ModelRef, Progress, materialize, parse_model_spec
@@ -134,13 +134,13 @@ def _fetch_draft(
     ref: ModelRef, settings: RunConfig, registry, target: ModelFacts, device: torch.device, dtype: torch.dtype, progress
 ) -> tuple[str | None, int]:
     """The configured draft, or the target's first registered one, fetched if missing, or for a
-    target with none its own layers in int8 on a CPU (as `run` pairs them): (name, bytes beside the target)."""
+    target with none its own layers in low bits on a CPU (as `run` pairs them: :func:`self_kind_for`): (name, bytes beside the target)."""
     if settings.draft == "none":
         return None, 0
     kind = self_draft_kind(settings.draft)
     candidates = [settings.draft] if settings.draft != "auto" else (list(ref.entry.drafts) if ref.entry else [])
     if kind is None and not candidates and device.type == "cpu":
-        kind = DEFAULT_SELF_KIND
+        kind = self_kind_for(settings.quant)
     if kind is not None:
         return f"self:{kind}", self_draft_bytes(target, kind)  # built (and kept) by the load below
     if not candidates:
