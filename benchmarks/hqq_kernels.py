@@ -12,24 +12,15 @@ specchat dependency: ``pip install hqq``) at 4, 3 and 2 bits, groups of 64, on i
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import torch
 from torch import nn
 
+from lowbit_kernels import milliseconds  # this folder's kernel timer (run as a script from here)
 from specchat.weights.lowbit import Int4Linear, Int8Linear
 
 ROWS = (1, 8)
-
-
-def milliseconds(function, x: torch.Tensor, repeats: int = 20) -> float:
-    for _ in range(3):
-        function(x)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        function(x)
-    return (time.perf_counter() - started) / repeats * 1e3
 
 
 def relative_error(weight: torch.Tensor, rounded: torch.Tensor) -> float:
@@ -64,7 +55,7 @@ def main() -> None:
         with torch.no_grad():
             for kind, module in kinds.items():
                 error = relative_error(weight, unit_columns(module, in_features))
-                times = [milliseconds(module, torch.randn(rows, in_features, dtype=torch.bfloat16)) for rows in ROWS]
+                times = [milliseconds(module, torch.randn(rows, in_features, dtype=torch.bfloat16), repeats=20) for rows in ROWS]
                 print(f"{out_features}x{in_features} {kind:6} {error:8.4f} " + " ".join(f"{t:7.2f}" for t in times), flush=True)
 
 
