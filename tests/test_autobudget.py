@@ -82,6 +82,22 @@ def test_a_budget_ruled_out_by_unlucky_passes_is_judged_again_later(scenario):
     assert curve.current == unlucky
 
 
+def test_auto_climbs_to_big_trees_when_the_adaptive_stop_drafts_far_less_than_the_calibration_grew():
+    """The calibration grows full K-node trees (its draft seconds rise steeply with K); at run
+    time SpecExec's adaptive stop ends each growth early, so a big K drafts little more than a
+    small one (a sampled self draft: 1.4-2.2 s at K=256 against several times that calibrated).
+    Judged by the calibration alone the tuner would stay at a small K; measured, it climbs."""
+    target_s = lambda k: 1.2  # streamed: flat
+    calibrated_draft = lambda k: 0.05 + 0.03 * k  # full trees, width-limited
+    drafted = lambda k: 0.6 + 0.15 * math.log2(1 + k)  # what the adaptive stop spends
+    tokens = lambda k: min(1 + 1.2 * math.log2(1 + k), 9.0)
+    tuner = CostModelTuner(calibrate(target_s, calibrated_draft), "specexec", max_depth=32)
+    assert tuner.current <= 16  # where the calibration alone puts it
+    simulate(tuner, tokens, target_s, drafted, passes=60)
+    best = max(CANDIDATES, key=lambda k: rate(k, tokens, target_s, drafted))
+    assert rate(tuner.current, tokens, target_s, drafted) >= 0.9 * rate(best, tokens, target_s, drafted), (tuner.current, best)
+
+
 def test_a_noisy_calibration_never_makes_a_bigger_tree_look_cheaper():
     calibration = Calibration({1: 1.0, 16: 2.0, 64: 1.5, 256: 3.0}, {"specexec": {1: 0.1, 16: 0.3, 64: 0.2, 256: 0.9}})
     sizes = range(1, 513)

@@ -21,10 +21,17 @@ pass verifies the whole tree, so a pass yields E[tokens | K] tokens):
   by what it really gave.
 
 The tuner picks the K among powers of two that maximises the predicted tokens/s.
-Because the log curve is only a model (a draft that agrees for a few tokens at most
-saturates it), once the chosen K has been measured the tuner also tries its
-unmeasured neighbours K/2 and 2K for a few passes each when the model rates them
-within :data:`EXPLORE_MARGIN` of the best; measured means then settle the choice.
+Where passes at a K have been measured, their mean seconds replace D(K) + T(K) as their
+mean tokens replace the curve: the calibration grows full trees of K nodes, while at run
+time SpecExec's adaptive stop ends a growth once another step would not pay (a sampled
+self draft at K=256 grew 50-120 nodes in 1.4-2.2 s where the calibration's 256-node tree
+took several times that), so a measured K is judged by what it cost.
+Because the model is only a model, once the chosen K has been measured the tuner also
+tries its unmeasured neighbours for a few passes each: K/2 when the model rates it
+within :data:`EXPLORE_MARGIN` of the best, 2K when it could beat K on an optimistic
+bound -- one more doubling's tokens (beta) for no more drafting than K's, over the
+calibrated target pass at 2K:  (E(K) + beta) / (D_measured(K) + T(2K)) > tokens/s (K).
+Measured means then settle the choice, so the tuner climbs while bigger trees pay.
 Measurements of a K unused for :data:`STALE_PASSES` passes are forgotten, so no
 budget is ruled out for a whole session by a few unlucky passes.
 """
@@ -183,7 +190,18 @@ class CostModelTuner:
         return min(1.0 + self.beta * math.log2(1 + k), self.max_depth + 1.0)
 
     def predicted_seconds(self, k: int) -> float:
+        runs = self._passes.get(k)
+        if runs and len(runs) >= MEASURED_PASSES:
+            return sum(r.draft_s + r.target_s for r in runs) / len(runs)
         return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
+
+    def _bigger_could_pay(self, k: int) -> bool:
+        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens, K's
+        measured drafting, the calibrated target pass at 2K (see the module's docstring)."""
+        runs = self._passes[k]
+        draft_s = sum(r.draft_s for r in runs) / len(runs)
+        bound = (self.expected_tokens(k) + self.beta) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
+        return bound > self.throughput(k)
 
     def throughput(self, k: int) -> float:
         return self.expected_tokens(k) / max(self.predicted_seconds(k), 1e-9)
@@ -199,10 +217,13 @@ class CostModelTuner:
             return self.current  # finish measuring the budget being tried
         best = self.best()
         if self._measured(best):
-            for neighbour in (best // 2, best * 2):
-                if neighbour in self.candidates and not self._measured(neighbour):
-                    if self.throughput(neighbour) >= EXPLORE_MARGIN * self.throughput(best):
-                        return neighbour
+            smaller, bigger = best // 2, best * 2
+            if smaller in self.candidates and not self._measured(smaller):
+                if self.throughput(smaller) >= EXPLORE_MARGIN * self.throughput(best):
+                    return smaller
+            if bigger in self.candidates and not self._measured(bigger):
+                if self.throughput(bigger) >= EXPLORE_MARGIN * self.throughput(best) or self._bigger_could_pay(best):
+                    return bigger
         return best
 
     # -- learning ----------------------------------------------------------------------
