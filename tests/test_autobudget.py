@@ -117,6 +117,11 @@ def test_explain_says_what_it_predicts_and_why():
     text = tuner.explain()
     assert text.startswith(f"K={tuner.current}: predicted ")
     assert "tok/pass" in text and "s draft" in text and "next best K=" in text
+    k = tuner.current
+    for _ in range(3):  # measured: its passes' own seconds
+        tuner.observe(k, 4.0, 0.5, 1.5)
+    tuner.current = k
+    assert "(0.50 s draft + 1.50 s target, measured over 3 passes)" in tuner.explain()
 
 
 @pytest.mark.parametrize(

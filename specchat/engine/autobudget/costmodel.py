@@ -253,9 +253,15 @@ class CostModelTuner:
     def explain(self) -> str:
         k = self.current
         second = max((c for c in self.candidates if c != k), key=self.throughput, default=k)
+        runs = self._passes.get(k) if self._measured(k) else None
+        if runs:
+            draft_s, target_s = (sum(getattr(r, part) for r in runs) / len(runs) for part in ("draft_s", "target_s"))
+            split = f"{draft_s:.2f} s draft + {target_s:.2f} s target, measured over {len(runs)} passes"
+        else:
+            split = (f"{self.draft_ratio * self.calibration.draft(self.method, k):.2f} s draft + "
+                     f"{self.target_ratio * self.calibration.target(k):.2f} s target")
         return (
             f"K={k}: predicted {self.throughput(k):.2f} tok/s = {self.expected_tokens(k):.2f} tok/pass / "
-            f"({self.draft_ratio * self.calibration.draft(self.method, k):.2f} s draft + "
-            f"{self.target_ratio * self.calibration.target(k):.2f} s target); next best K={second} "
+            f"({split}); next best K={second} "
             f"{self.throughput(second):.2f} tok/s; acceptance {self.beta:.2f} tok per doubling of K"
         )
