@@ -4,7 +4,8 @@ For each method we draw the first two generated tokens 20,000 times and compare
 their joint histogram with the target's exact p(x1) * p(x2 | x1) by a
 chi-square test.  The draft is an unrelated random model, so rejections,
 residual draws and deeper acceptances all happen; or the target's own layers in int4,
-attending to the target's cache, so that nearly everything is accepted.
+attending to the target's cache, so that nearly everything is accepted; and trees the lookahead
+began while the target verified the one before (the first three tokens).
 """
 
 import pytest
@@ -86,3 +87,53 @@ def test_first_two_tokens_follow_the_target_distribution(method, temperature, to
         observed, wanted = observed[:-1], wanted[:-1]
     result = chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
     assert result.pvalue > 0.01, (result, int((~rare).sum()))
+
+
+RESUMED_VOCAB = 6
+RESUMED_DRAWS = 6_000
+
+
+def exact_triples(target, sampling: SamplingParams, vocab: int) -> torch.Tensor:
+    """(V, V, V) exact probability of the first three tokens under the target."""
+    def next_probs(tokens):
+        ids = torch.tensor(tokens)
+        logits = target.forward(ids, torch.arange(len(tokens)), causal_visibility(0, len(tokens)), target.new_cache())
+        return probabilities(logits[-1:], sampling)[0].double()
+
+    joint = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)
+    first = next_probs(PROMPT)
+    for x1 in range(vocab):
+        second = next_probs(PROMPT + [x1])
+        for x2 in range(vocab):
+            joint[x1, x2] = first[x1] * second[x2] * next_probs(PROMPT + [x1, x2])
+    return joint
+
+
+def test_trees_the_lookahead_began_keep_the_target_distribution():
+    """SpecExec with the lookahead: at budget 1 the first pass verifies the draft's favourite
+    x1 and draws x2, the bet won whenever x1 was that favourite, and x3 then comes from the
+    tree the lookahead grew during the first pass (re-rooted at x2).  The joint of
+    (x1, x2, x3) must still be the target's."""
+    from specchat.speculation.lookahead import Lookahead
+
+    target = tiny_lm(0, vocab=RESUMED_VOCAB, layers=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.5)
+    engine = Engine(target, target, CharTokenizer(), [], lookahead=Lookahead(patient=True))
+    sampling = SamplingParams(0.8, 1.0)
+    counts = torch.zeros(RESUMED_VOCAB, RESUMED_VOCAB, RESUMED_VOCAB, dtype=torch.float64)
+    hits = 0
+    for draw in range(RESUMED_DRAWS):
+        config = GenerationConfig(budget=1, draft_batch=1, max_new_tokens=3, temperature=0.8, top_p=1.0, seed=99 + draw)
+        done = list(engine.generate(PROMPT, config))[-1]
+        x1, x2, x3 = done.token_ids[:3]
+        counts[x1, x2, x3] += 1
+        hits += done.stats.lookahead_hits
+    assert hits > RESUMED_DRAWS // 10, hits  # resumed trees were a good share of the second passes
+    expected = exact_triples(target, sampling, RESUMED_VOCAB) * RESUMED_DRAWS
+    observed, wanted = counts.flatten(), expected.flatten()
+    rare = wanted < 5
+    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
+    wanted = torch.cat([wanted[~rare], wanted[rare].sum().view(1)])
+    result = chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
+    assert result.pvalue > 0.01, (result, hits)
