@@ -24,19 +24,33 @@ PROMPT = [3, 1, 4]
 VOCAB = 12
 
 
+def next_probs(target, tokens: list[int], sampling: SamplingParams) -> torch.Tensor:
+    """(V,) the target's sampling distribution after ``tokens``."""
+    ids = torch.tensor(tokens)
+    logits = target.forward(ids, torch.arange(len(tokens)), causal_visibility(0, len(tokens)), target.new_cache())
+    return probabilities(logits[-1:], sampling)[0]
+
+
 def exact_joint(target, sampling: SamplingParams) -> torch.Tensor:
     """(V, V) exact probability of the first two tokens under the target."""
-    def next_probs(tokens):
-        ids = torch.tensor(tokens)
-        logits = target.forward(ids, torch.arange(len(tokens)), causal_visibility(0, len(tokens)), target.new_cache())
-        return probabilities(logits[-1:], sampling)[0]
-
-    first = next_probs(PROMPT)
+    first = next_probs(target, PROMPT, sampling)
     joint = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
     for x1 in range(VOCAB):
         if first[x1] > 0:
-            joint[x1] = first[x1] * next_probs(PROMPT + [x1])
+            joint[x1] = first[x1] * next_probs(target, PROMPT + [x1], sampling)
     return joint
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor):
+    """scipy's chi-square of observed ``counts`` against ``expected`` over the cells the target can
+    produce, the cells expected below 5 pooled into one (chi-square needs >= 5 per cell)."""
+    observed, wanted = counts[expected > 0], expected[expected > 0]
+    rare = wanted < 5
+    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
+    wanted = torch.cat([wanted[~rare], wanted[rare].sum().view(1)])
+    if wanted[-1] == 0:
+        observed, wanted = observed[:-1], wanted[:-1]
+    return chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item()), int((~rare).sum())
 
 
 def self_drafted(tmp_path):
@@ -78,15 +92,8 @@ def test_first_two_tokens_follow_the_target_distribution(method, temperature, to
         counts[x1, x2] += 1
     expected = exact_joint(target, SamplingParams(temperature, top_p)) * DRAWS
     assert counts[expected == 0].sum() == 0, "a token outside the target's support was produced"
-    observed, wanted = counts[expected > 0], expected[expected > 0]
-    # Pool the cells expected to be rare into one, as chi-square needs >= 5 per cell.
-    rare = wanted < 5
-    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
-    wanted = torch.cat([wanted[~rare], wanted[rare].sum().view(1)])
-    if wanted[-1] == 0:
-        observed, wanted = observed[:-1], wanted[:-1]
-    result = chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
-    assert result.pvalue > 0.01, (result, int((~rare).sum()))
+    result, cells = chi_square(counts, expected)
+    assert result.pvalue > 0.01, (result, cells)
 
 
 RESUMED_VOCAB = 6
@@ -95,17 +102,12 @@ RESUMED_DRAWS = 6_000
 
 def exact_triples(target, sampling: SamplingParams, vocab: int) -> torch.Tensor:
     """(V, V, V) exact probability of the first three tokens under the target."""
-    def next_probs(tokens):
-        ids = torch.tensor(tokens)
-        logits = target.forward(ids, torch.arange(len(tokens)), causal_visibility(0, len(tokens)), target.new_cache())
-        return probabilities(logits[-1:], sampling)[0].double()
-
     joint = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)
-    first = next_probs(PROMPT)
+    first = next_probs(target, PROMPT, sampling).double()
     for x1 in range(vocab):
-        second = next_probs(PROMPT + [x1])
+        second = next_probs(target, PROMPT + [x1], sampling).double()
         for x2 in range(vocab):
-            joint[x1, x2] = first[x1] * second[x2] * next_probs(PROMPT + [x1, x2])
+            joint[x1, x2] = first[x1] * second[x2] * next_probs(target, PROMPT + [x1, x2], sampling).double()
     return joint
 
 
@@ -131,9 +133,5 @@ def test_trees_the_lookahead_began_keep_the_target_distribution():
         hits += done.stats.lookahead_hits
     assert hits > RESUMED_DRAWS // 10, hits  # resumed trees were a good share of the second passes
     expected = exact_triples(target, sampling, RESUMED_VOCAB) * RESUMED_DRAWS
-    observed, wanted = counts.flatten(), expected.flatten()
-    rare = wanted < 5
-    observed = torch.cat([observed[~rare], observed[rare].sum().view(1)])
-    wanted = torch.cat([wanted[~rare], wanted[rare].sum().view(1)])
-    result = chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item())
+    result, _ = chi_square(counts.flatten(), expected.flatten())
     assert result.pvalue > 0.01, (result, hits)

@@ -184,22 +184,27 @@ class CostModelTuner:
 
     # -- the model ---------------------------------------------------------------------
     def expected_tokens(self, k: int) -> float:
-        runs = self._passes.get(k)
-        if runs and len(runs) >= MEASURED_PASSES:
-            return sum(r.tokens for r in runs) / len(runs)
+        measured = self._measured_mean(k, "tokens")
+        if measured is not None:
+            return measured
         return min(1.0 + self.beta * math.log2(1 + k), self.max_depth + 1.0)
 
+    def _measured_mean(self, k: int, part: str) -> float | None:
+        """The mean of ``part`` ("tokens", "draft_s", "target_s") over K's passes, once measured; else None."""
+        if not self._measured(k):
+            return None
+        runs = self._passes[k]
+        return sum(getattr(r, part) for r in runs) / len(runs)
+
     def predicted_seconds(self, k: int) -> float:
-        runs = self._passes.get(k)
-        if runs and len(runs) >= MEASURED_PASSES:
-            return sum(r.draft_s + r.target_s for r in runs) / len(runs)
+        if self._measured(k):
+            return self._measured_mean(k, "draft_s") + self._measured_mean(k, "target_s")
         return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
 
     def _bigger_could_pay(self, k: int) -> bool:
         """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens, K's
         measured drafting, the calibrated target pass at 2K (see the module's docstring)."""
-        runs = self._passes[k]
-        draft_s = sum(r.draft_s for r in runs) / len(runs)
+        draft_s = self._measured_mean(k, "draft_s")
         bound = (self.expected_tokens(k) + self.beta) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
         return bound > self.throughput(k)
 
@@ -253,10 +258,9 @@ class CostModelTuner:
     def explain(self) -> str:
         k = self.current
         second = max((c for c in self.candidates if c != k), key=self.throughput, default=k)
-        runs = self._passes.get(k) if self._measured(k) else None
-        if runs:
-            draft_s, target_s = (sum(getattr(r, part) for r in runs) / len(runs) for part in ("draft_s", "target_s"))
-            split = f"{draft_s:.2f} s draft + {target_s:.2f} s target, measured over {len(runs)} passes"
+        if self._measured(k):
+            draft_s, target_s = self._measured_mean(k, "draft_s"), self._measured_mean(k, "target_s")
+            split = f"{draft_s:.2f} s draft + {target_s:.2f} s target, measured over {len(self._passes[k])} passes"
         else:
             split = (f"{self.draft_ratio * self.calibration.draft(self.method, k):.2f} s draft + "
                      f"{self.target_ratio * self.calibration.target(k):.2f} s target")
