@@ -1,13 +1,13 @@
-"""One self-draft step (int8) at widths 1 and 8 after a 300-token prefix, then torch.profiler's
+"""One self-draft step at widths 1 and 8 after a 300-token prefix, then torch.profiler's
 table of a width-1 step (where its milliseconds go).
 
-    .venv/bin/python benchmarks/draft_step_profile.py
+    .venv/bin/python benchmarks/draft_step_profile.py [self:int8|self:int4]
 """
-import time, torch
+import sys, time, torch
 from specchat import RunConfig
 from specchat.app.loader import load_pipeline
 from specchat.model.lm import causal_visibility
-config = RunConfig(model="demo", draft="self:int8", offload="ssd", budget=16, ram_budget=770_000_000)
+config = RunConfig(model="demo", draft=sys.argv[1] if len(sys.argv) > 1 else "self:int8", offload="ssd", budget=16, ram_budget=770_000_000)
 p = load_pipeline(config, print, calibrate=False)
 draft = p.engine.draft
 ids = list(range(100, 400)); P = len(ids)

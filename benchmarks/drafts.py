@@ -26,7 +26,10 @@ from specchat.bench.sweep import BenchConfig, Row, load_prompts, run_bench
 from specchat.engine.autobudget.costmodel import PRIOR_BETA
 from specchat.engine.autobudget.costs import PassCosts
 from specchat.engine.engine import Engine
+from specchat.sources.facts import read_facts
 from specchat.model.loading import load_int8
+from specchat.model.selfdraft import build_self_draft, self_draft_dir, self_draft_kind
+from specchat.common.paths import cache_dir
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import materialize, parse_model_spec
 from specchat.speculation.lookahead import Lookahead
@@ -49,17 +52,23 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
     if args.disk_gbps:
         throttle(target.layer_source, args.disk_gbps * 1e9)
     drafts = [(args.self_draft, loaded.engine.draft)]
-    if args.sibling:
+    if args.sibling.startswith("self:"):  # a second self draft (another bit width) over the same target
+        facts, kind = read_facts(loaded.target.path), self_draft_kind(args.sibling)
+        weights = loaded.offload.quant
+        where = self_draft_dir(cache_dir() / "stores", facts, kind, weights)
+        drafts.append((args.sibling, build_self_draft(target, facts, kind, print, cache_dir=where, weights=weights)))
+    elif args.sibling:
         drafts.append((args.sibling, load_int8(materialize(parse_model_spec(args.sibling, load_registry()), print)).lm))
     out = {}
     for name, draft in drafts:
         started = time.perf_counter()
         calibration = PassCosts().ensure(target, draft, config.max_depth, 8)
         print(f"{name}: calibrated in {time.perf_counter() - started:.0f} s", flush=True)
-        settings = args.lookahead or ((draft is loaded.engine.draft and loaded.engine.lookahead is not None),)
+        is_self = name.startswith("self:")
+        settings = args.lookahead or ((is_self and loaded.engine.lookahead is not None),)
         for lookahead in settings:
             costs = PassCosts(calibration, largest_budget=loaded.engine.costs.largest_budget,
-                              prior_beta=loaded.engine.costs.prior_beta if draft is loaded.engine.draft else PRIOR_BETA)
+                              prior_beta=loaded.engine.costs.prior_beta if is_self else PRIOR_BETA)
             engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None)
             out[name + (" +la" if lookahead and len(args.lookahead) > 1 else "")] = Pipeline(engine, loaded.encode_chat)
     return out, loaded
@@ -98,7 +107,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--self-draft", default="self:int8")
-    parser.add_argument("--sibling", default="demo-0.5b", help="'' for none (the self draft alone)")
+    parser.add_argument("--sibling", default="demo-0.5b",
+                        help="'' for none (the self draft alone); self:KIND for a second self draft")
     parser.add_argument("--lookahead", default="auto", choices=("auto", "on", "off", "both"),
                         help="grow the next tree while the target verifies (auto: as the loader decides; "
                              "both: each draft each way, interleaved)")

@@ -67,7 +67,7 @@ def test_models_json_lists_the_demo_pair_as_present():
     demo = rows["demo-1.5b"]
     assert demo["present"] is True
     assert demo["drafts"] == [{"name": "demo-0.5b", "params_b": 0.49, "present": True}]
-    assert demo["self_draft"] == {"name": "self:int8", "bytes": pytest.approx(1.54e9)}
+    assert demo["self_draft"] == {"name": "self:int4", "bytes": pytest.approx(1.54e9 * 0.75)}  # 4 bits + scales
     assert demo["bytes_16bit"] == pytest.approx(3.08e9) and demo["bytes_4bit"] == pytest.approx(0.77e9)
     assert {"llama-3.3-70b", "qwen2.5-72b", "llama-2-70b-chat", "mixtral-8x7b", "qwen2.5-coder-32b"} <= set(rows)
     assert rows["qwen2.5-72b"]["fits"] in ("ssd", "no")
@@ -196,14 +196,14 @@ def test_draft_auto_takes_the_self_draft_where_the_target_streams_and_the_siblin
     assert result.exit_code == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
     if offload == "ssd":
-        assert line.startswith("draft self:int8: the target streams 2 of its 2 layers from the disk every pass")
+        assert line.startswith("draft self:int4: the target streams 2 of its 2 layers from the disk every pass")
         assert line.endswith("rather than tiny-draft")
-        assert json.loads(result.stdout)["stats"]["draft"]["name"] == "self:int8"
+        assert json.loads(result.stdout)["stats"]["draft"]["name"] == "self:int4"
     else:
         assert line.startswith("draft tiny-draft: the first registered draft")
 
 
-@pytest.mark.parametrize("offload, faster", [("ssd", "tiny-draft"), ("none", "self:int8")])
+@pytest.mark.parametrize("offload, faster", [("ssd", "tiny-draft"), ("none", "self:int4")])
 def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_settings(paired_registry, tmp_path, offload, faster):
     """Against the rule in each regime: measured speeds, once both drafts have some, decide."""
     from specchat.app.draftspeed import speed_file
@@ -212,11 +212,11 @@ def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_setti
             "--offload", offload, "--store", str(tmp_path / "stores"), "the sea"]
     if offload == "ssd":
         args += ["--ram-budget", "1000"]
-    for draft in ("tiny-draft", "self:int8"):
+    for draft in ("tiny-draft", "self:int4"):
         result = runner.invoke(app, args + ["--draft", draft])
         assert result.exit_code == 0, result.stderr
     speeds = json.loads(speed_file().read_text())
-    assert sorted(key.split(" ")[1] for key in speeds) == ["draft=self:int8", "draft=tiny-draft"]
+    assert sorted(key.split(" ")[1] for key in speeds) == ["draft=self:int4", "draft=tiny-draft"]
     assert all(entry["tokens"] > 0 and entry["seconds"] > 0 for entry in speeds.values())
     for key in speeds:  # as if each had run longer: 100 tokens, the one named faster at twice the other's speed
         speeds[key] = {"tokens": 100, "seconds": 10.0 if f"draft={faster} " in key else 20.0}
@@ -224,7 +224,7 @@ def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_setti
     result = runner.invoke(app, args + ["--draft", "auto"])
     assert result.exit_code == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
-    other = "self:int8" if faster == "tiny-draft" else "tiny-draft"
+    other = "self:int4" if faster == "tiny-draft" else "tiny-draft"
     assert line.startswith(f"draft {faster}: measured faster here in these settings than {other} (10.00 against 5.00 tok/s")
     assert json.loads(result.stdout)["stats"]["draft"]["name"] == faster
 
@@ -323,8 +323,8 @@ def test_recommendation_on_a_gpu_machine(vram_gb, ram_gb, disk_gb, offload):
         assert int(advice["budget"]["value"]) >= 256
 
 
-@pytest.mark.parametrize("largest_b, ram_gb, draft", [(8, 24, "self:int8"), (8, 6, "qwen2.5-0.5b"), (73, 24, "qwen2.5-0.5b")])
-def test_recommendation_on_a_cpu_names_the_self_draft_where_the_streamed_target_s_int8_copy_fits(largest_b, ram_gb, draft):
+@pytest.mark.parametrize("largest_b, ram_gb, draft", [(8, 24, "self:int4"), (8, 6, "qwen2.5-0.5b"), (73, 24, "qwen2.5-0.5b")])
+def test_recommendation_on_a_cpu_names_the_self_draft_where_the_streamed_target_s_low_bit_copy_fits(largest_b, ram_gb, draft):
     from specchat.app.hardware import recommend
     from specchat.sources.registry import load_registry
 
@@ -334,8 +334,8 @@ def test_recommendation_on_a_cpu_names_the_self_draft_where_the_streamed_target_
     advice = recommend(facts, registry)
     assert advice["offload"]["value"] == "ssd", advice
     assert advice["draft"]["value"] == draft, advice
-    if draft == "self:int8":
-        assert advice["draft"]["reason"].startswith("the target streams every pass, so its own layers in int8")
+    if draft == "self:int4":
+        assert advice["draft"]["reason"].startswith("the target streams every pass, so its own layers in int4")
 
 
 def test_models_table_names_every_way_a_target_can_run():

@@ -18,7 +18,7 @@ from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
 from specchat.sources.facts import read_facts
 from specchat.speculation.lookahead import Lookahead
-from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, lowbit_bytes, quantize_layer, tune_int8
+from specchat.weights.lowbit import Int4Linear, Int8Linear, int4_group, int4_rounding, lowbit_bytes, quantize_layer, tune_int8
 from tiny import CharTokenizer, TickingClock
 
 runner = CliRunner()
@@ -29,7 +29,7 @@ def tiny_target(tiny_dirs):
     return load_resident(tiny_dirs["target"]), read_facts(tiny_dirs["target"])
 
 
-@pytest.mark.parametrize("spec, kind", [("self", "int8"), ("self:int8", "int8"), ("self:int4", "int4"), ("demo-0.5b", None), ("selfish", None)])
+@pytest.mark.parametrize("spec, kind", [("self", "int4"), ("self:int8", "int8"), ("self:int4", "int4"), ("demo-0.5b", None), ("selfish", None)])
 def test_self_draft_specs(spec, kind):
     assert self_draft_kind(spec) == kind
 
@@ -37,26 +37,47 @@ def test_self_draft_specs(spec, kind):
 @pytest.mark.parametrize("spec", ["self:int3", "self:", "self:INT8"])
 def test_a_self_draft_of_an_unknown_kind_is_refused(spec):
     if spec == "self:":  # an empty kind is the default one
-        assert self_draft_kind(spec) == "int8"
+        assert self_draft_kind(spec) == "int4"
         return
     with pytest.raises(ValueError, match="a self draft is one of self, self:int8, self:int4"):
         self_draft_kind(spec)
 
 
-def test_int4_linear_is_the_group_wise_rounding_of_the_weights():
+def test_int4_linear_multiplies_by_its_group_wise_rounding_of_the_weights():
     torch.manual_seed(0)
     linear = nn.Linear(128, 48)
-    q = Int4Linear.quantize(linear)
-    w = linear.weight.detach().reshape(48, 2, 64)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = (high - low) / 15
-    dequantised = (low + torch.round((w - low) / scale) * scale).reshape(48, 128)  # what the kernel multiplies by
+    q_linear = Int4Linear.quantize(linear)
+    q, scale, low = int4_rounding(linear.weight.detach().reshape(48, 4, 32))
+    dequantised = (low[..., None] + q * scale[..., None]).reshape(48, 128)  # what the kernel multiplies by
     x = torch.randn(5, 128)
-    torch.testing.assert_close(q(x), x @ dequantised.t() + linear.bias.detach(), rtol=1e-4, atol=1e-4)
-    assert q(x[None]).shape == (1, 5, 48)  # batch dims are kept
+    torch.testing.assert_close(q_linear(x), x @ dequantised.t() + linear.bias.detach(), rtol=1e-4, atol=1e-4)
+    assert q_linear(x[None]).shape == (1, 5, 48)  # batch dims are kept
 
 
-@pytest.mark.parametrize("width, group", [(64, 64), (128, 64), (96, 32), (32, 32)])
+def test_int4_rounding_errs_no_more_than_round_to_nearest_in_any_group():
+    torch.manual_seed(1)
+    groups = torch.randn(64, 10, 32) * torch.rand(64, 10, 1)  # (rows, groups, g)
+    q, scale, low = int4_rounding(groups)
+    assert q.min() >= 0 and q.max() <= 15 and bool((q == q.round()).all())
+    fitted_err = ((low[..., None] + q * scale[..., None] - groups) ** 2).sum(-1)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    nearest_err = ((lo + torch.round((groups - lo) / step) * step - groups) ** 2).sum(-1)
+    assert bool((fitted_err <= nearest_err * (1 + 1e-5)).all())
+    assert fitted_err.sum() < 0.95 * nearest_err.sum()  # and less overall
+
+
+def test_weights_already_on_a_4bit_grid_come_back_on_it():
+    torch.manual_seed(2)
+    levels = torch.randint(0, 12, (16, 8, 32)).float()  # a Q4_K-like block: min + q scale, not every level used
+    levels[..., 0], levels[..., 1] = 0, torch.randint(12, 16, (16, 8)).float()  # its values span 12-15 steps
+    scale, low = torch.rand(16, 8, 1) * 0.01 + 1e-3, torch.randn(16, 8, 1) * 0.05
+    grid = low + levels * scale
+    q, fitted_scale, fitted_low = int4_rounding(grid)
+    torch.testing.assert_close(fitted_low[..., None] + q * fitted_scale[..., None], grid, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("width, group", [(64, 32), (128, 32), (96, 32), (32, 32)])
 def test_int4_groups_divide_the_input_width(width, group):
     assert int4_group(width) == group
 
@@ -182,7 +203,7 @@ def test_draft_auto_for_a_target_with_no_registered_draft_uses_the_self_draft(ti
     plain = runner.invoke(app, [*args, "--draft", "none"])
     assert ours.exit_code == 0, ours.stderr
     assert json.loads(ours.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
-    assert f"draft self:int8: no registered draft pairs with {tiny_dirs['target']}, so its own layers in int8" in ours.stderr
+    assert f"draft self:int4: no registered draft pairs with {tiny_dirs['target']}, so its own layers in int4" in ours.stderr
 
 
 
@@ -259,17 +280,34 @@ def test_a_damaged_self_draft_copy_is_rebuilt_never_used(tiny_dirs, tmp_path):
     assert "loaded from" in clean  # the rebuilt copy checks out
 
 
+def _interrupt_build(copy, contents=None) -> int:
+    """Make a finished copy look killed while writing its layer 1 (optionally a build of other
+    ``contents``); returns layer 0's mtime."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    record = {key: manifest[key] for key in ("format", "torch", "contents", "source_files")}
+    (copy / "building.json").write_text(json.dumps(record | ({"contents": contents} if contents else {})))
+    (copy / "manifest.json").unlink()  # as if killed before the manifest ...
+    (copy / "layer_001.safetensors").rename(copy / "layer_001.safetensors.partial")  # ... while writing layer 1
+    return (copy / "layer_000.safetensors").stat().st_mtime_ns
+
+
 def test_an_interrupted_self_draft_build_resumes_with_the_layers_it_wrote(tiny_dirs, tmp_path):
     first, _ = _self_run(tiny_dirs, tmp_path / "stores")
     [copy] = (tmp_path / "stores").iterdir()
-    kept = (copy / "layer_000.safetensors").stat().st_mtime_ns
-    (copy / "manifest.json").unlink()  # as if killed before the manifest ...
-    (copy / "layer_001.safetensors").rename(copy / "layer_001.safetensors.partial")  # ... while writing layer 1
-    (copy / "building.json").write_text(json.dumps({"source_files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(tiny_dirs["target"].glob("*.safetensors"))]}))
+    kept = _interrupt_build(copy)
     again, stderr = _self_run(tiny_dirs, tmp_path / "stores")
     assert again == first and "building the self draft (int8): 2/2 layers" in stderr
     assert (copy / "layer_000.safetensors").stat().st_mtime_ns == kept  # not rewritten
     assert not list(copy.glob("*.partial")) and (copy / "manifest.json").is_file()
+
+
+def test_a_half_built_copy_of_other_contents_is_not_resumed(tiny_dirs, tmp_path):
+    first, _ = _self_run(tiny_dirs, tmp_path / "stores")
+    [copy] = (tmp_path / "stores").iterdir()
+    kept = _interrupt_build(copy, contents={"kind": "int8", "dtype": "torch.float16"})  # another compute dtype's build
+    again, stderr = _self_run(tiny_dirs, tmp_path / "stores")
+    assert again == first and "building the self draft (int8): 2/2 layers" in stderr
+    assert (copy / "layer_000.safetensors").stat().st_mtime_ns != kept  # rebuilt, not mixed with the other build's layer
 
 
 def test_a_self_draft_that_cannot_be_kept_is_built_and_used_anyway(tiny_dirs, tmp_path):
@@ -289,13 +327,13 @@ def test_setup_with_the_self_draft_builds_and_keeps_it_and_run_loads_it(tiny_dir
     store = tmp_path / "stores"
     result = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--draft", "self", "--store", str(store), "--yes"])
     assert result.exit_code == 0, result.stderr
-    assert "building the self draft (int8): 2/2 layers" in result.stderr
+    assert "building the self draft (int4): 2/2 layers" in result.stderr
     assert "measuring pass times for --budget auto" in result.stderr  # calibrated with the self draft
     assert tomllib.loads(config_file().read_text())["draft"] == "self"
     run = runner.invoke(app, ["run", "--max-new-tokens", "5", "--json", "the sea"])
     assert run.exit_code == 0, run.stderr
-    assert "self draft (int8) loaded from" in run.stderr and "building the self draft" not in run.stderr
-    assert json.loads(run.stdout)["stats"]["draft"]["name"] == "self:int8"
+    assert "self draft (int4) loaded from" in run.stderr and "building the self draft" not in run.stderr
+    assert json.loads(run.stdout)["stats"]["draft"]["name"] == "self:int4"
 
 
 def test_setup_of_a_target_with_no_registered_draft_pairs_it_with_itself(tiny_dirs, tmp_path):
@@ -305,7 +343,7 @@ def test_setup_of_a_target_with_no_registered_draft_pairs_it_with_itself(tiny_di
 
     result = runner.invoke(app, ["setup", str(tiny_dirs["target"]), "--store", str(tmp_path / "stores"), "--yes"])
     assert result.exit_code == 0, result.stderr
-    assert "building the self draft (int8)" in result.stderr
+    assert "building the self draft (int4)" in result.stderr
     assert tomllib.loads(config_file().read_text())["draft"] == "auto"  # run pairs it the same way
 
 

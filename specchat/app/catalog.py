@@ -9,6 +9,7 @@ import psutil
 
 from specchat.app.hardware import fit, gpu_info
 from specchat.common.paths import cache_dir
+from specchat.model.selfdraft import DEFAULT_SELF_KIND, SELF_BYTES_PER_WEIGHT
 from specchat.sources.registry import ModelEntry, load_registry
 from specchat.weights.precision import cpu_auto_dtype
 
@@ -56,8 +57,8 @@ def model_rows(registry: dict[str, ModelEntry], facts: dict) -> list[dict]:
                 "drafts": [
                     {"name": d, "params_b": registry[d].params_b, "present": is_present(registry[d])} for d in entry.drafts
                 ],
-                # --draft self: the target's own layers in int8 (an upper bound: embeddings and head are shared)
-                "self_draft": {"name": "self:int8", "bytes": entry.bytes_at(8)},
+                # --draft self: the target's own layers in low bits (an upper bound: embeddings and head are shared)
+                "self_draft": {"name": f"self:{DEFAULT_SELF_KIND}", "bytes": int(entry.bytes_at(8) * SELF_BYTES_PER_WEIGHT[DEFAULT_SELF_KIND])},
                 "present": is_present(entry),
                 "fits": fit(entry, facts),
             }

@@ -16,6 +16,7 @@ import torch
 
 from specchat.common.system import read_cpuinfo
 from specchat.model.placement import RAM_HEADROOM, choose_cpu_mode, choose_gpu_mode
+from specchat.model.selfdraft import DEFAULT_SELF_KIND, SELF_BYTES_PER_WEIGHT
 from specchat.weights.precision import cpu_has_fast_bf16, dtype_name, resolve_compute_dtype
 from specchat.sources.registry import DEMO_TARGET, ModelEntry, load_registry
 from specchat.model.stream.storeio import READ_THREADS, read_file_direct
@@ -197,13 +198,13 @@ def recommend(facts: dict, registry: dict[str, ModelEntry] | None = None) -> dic
 
 def _draft_advice(target: ModelEntry, sibling: ModelEntry | None, facts: dict, streams: bool) -> dict[str, str]:
     """What ``--draft auto`` will take (:mod:`specchat.app.drafts`): on a CPU streaming the target,
-    the target's own int8 copy where it fits the available RAM (``run`` checks the exact room
+    the target's own low-bit copy where it fits the available RAM (``run`` checks the exact room
     beside the target's resident share), else the smallest registered draft."""
-    self_bytes = target.bytes_at(8) * RAM_HEADROOM
+    self_bytes = target.bytes_at(8) * SELF_BYTES_PER_WEIGHT[DEFAULT_SELF_KIND] * RAM_HEADROOM
     if streams and not facts["gpus"] and self_bytes <= facts["ram_available"]:
         return {
-            "value": "self:int8",
-            "reason": f"the target streams every pass, so its own layers in int8 ({self_bytes / 1e9:.1f} GB in RAM) "
+            "value": f"self:{DEFAULT_SELF_KIND}",
+            "reason": f"the target streams every pass, so its own layers in {DEFAULT_SELF_KIND} ({self_bytes / 1e9:.1f} GB in RAM) "
             f"agree with it far more often than {sibling.name if sibling else 'a smaller model'}: more tokens per pass",
         }
     if sibling is None:

@@ -26,18 +26,18 @@ from specchat.model.lm import LayeredLM, ResidentLayers
 from specchat.sources.facts import LAYER_PREFIX, ModelFacts
 from specchat.weights.layerfiles import LayerFiles
 from specchat.weights.store import store_dir_for
-from specchat.weights.lowbit import LOWBIT_KINDS, layer_dtype, quantize_layer, tune_int8
+from specchat.weights.lowbit import INT4_GROUP, LOWBIT_KINDS, layer_dtype, quantize_layer, rounding_identity, tune_int8
 from specchat.weights.quant4 import quantizable, roundtrip_nf4
 
 SELF = "self"
-DEFAULT_SELF_KIND = "int8"
-# Bytes per decoder weight: int8 = 1 + one scale per output row (~0); int4 = 1/2 + two 16- or
-# 32-bit numbers per 64 weights (<= 1/8).
-_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.625}
+DEFAULT_SELF_KIND = "int4"  # half int8's bytes per step; docs/benchmarks.md, session 26
+# Bytes per decoder weight, at most: int8 = 1 + one scale per output row (~0); int4 = 1/2 + two
+# 16- or 32-bit numbers per group of INT4_GROUP weights (1/8 in bf16, 1/4 in float32).
+SELF_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5 + 8 / INT4_GROUP}
 
 
 def self_draft_kind(spec: str) -> str | None:
-    """``"self"`` -> the default kind, ``"self:int4"`` -> ``"int4"``; None for any other draft spec."""
+    """``"self"`` -> the default kind (int4), ``"self:int8"`` -> ``"int8"``; None for any other draft spec."""
     name, _, kind = spec.partition(":")
     if name != SELF:
         return None
@@ -69,7 +69,7 @@ class _Copy:
 
 def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
     """RAM the low-bit layer copy takes (the embeddings and head are the target's)."""
-    return int(facts.layer_elements * _BYTES_PER_WEIGHT[kind])
+    return int(facts.layer_elements * SELF_BYTES_PER_WEIGHT[kind])
 
 
 def build_self_draft(
@@ -85,7 +85,7 @@ def build_self_draft(
     these weights is there, else built and written layer by layer (an interrupted build resumes).
     A cache that cannot be written costs only the time to build the copy again next run."""
     copy = _Copy(facts, kind, layer_dtype(target.dtype), weights == "4bit")
-    meta = {"kind": kind, "dtype": str(copy.dtype)} | ({"weights": "nf4"} if copy.of_nf4 else {})
+    meta = {"kind": kind, "dtype": str(copy.dtype)} | rounding_identity(kind) | ({"weights": "nf4"} if copy.of_nf4 else {})
     files = LayerFiles(cache_dir, facts.path, facts.num_layers, meta) if cache_dir else None
     layers = _load_copy(files, copy, progress) if files is not None and files.complete() else None
     if layers is None and files is not None:

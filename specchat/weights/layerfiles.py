@@ -23,7 +23,7 @@ import torch
 
 from specchat.common.errors import CorruptModel
 from specchat.common.files import atomic_write, check_free_disk
-from specchat.weights.store import BUILDING, MANIFEST, clear_directory, recorded_sources, source_files
+from specchat.weights.store import BUILDING, MANIFEST, clear_directory, source_files
 
 FORMAT = 1
 
@@ -56,11 +56,22 @@ class LayerFiles:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob("*.partial"):
             stale.unlink()
-        if (self.path / MANIFEST).is_file() or recorded_sources(self.path / BUILDING) not in (None, self.sources):
-            clear_directory(self.path)  # a finished copy of something else, or a half-built one of other weights
+        if (self.path / MANIFEST).is_file() or self._building() not in (None, self._build_record()):
+            clear_directory(self.path)  # a finished copy of something else, or a half-built one of other weights or contents
         existing = sum(f.stat().st_size for f in self.path.glob("layer_*.safetensors"))
         check_free_disk(self.path, needed_bytes - existing, "for the self draft", "free some space or choose another --store")
-        atomic_write(self.path / BUILDING, json.dumps({"source_files": self.sources}))
+        atomic_write(self.path / BUILDING, json.dumps(self._build_record()))
+
+    def _build_record(self) -> dict:
+        """What a half-built copy records, so that only a build of the same contents from the same weights resumes it."""
+        return self.identity | {"source_files": self.sources}
+
+    def _building(self) -> dict | None:
+        try:
+            record = json.loads((self.path / BUILDING).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else {}
 
     def has(self, index: int) -> bool:
         return self.layer_file(index).is_file()
