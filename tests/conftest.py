@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import PreTrainedTokenizerFast
 
+from specchat.common.paths import cache_dir
 from tiny import tiny_hf
+
+# The user's cache, which the tests share for the demo models and their stores only (converting
+# them takes minutes); anything else a test writes there is a leak (see ``isolated_home``).
+SHARED_CACHE = cache_dir()
+SHARED_FOLDERS = ("files", "models", "stores")
 
 WORDS = "the a sea wave blue moon fish sand wind salt deep calm tide ship gull foam rock reef shell crab kelp pier cove dune".split()
 SPECIALS = ["<unk>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -52,7 +59,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """No test reads the user's config; the demo cache stays shared to avoid re-converting.
+    """No test reads the user's config; the demo cache stays shared to avoid re-converting, and
+    a test that leaves anything else in it fails (the entry removed).
 
     ``--dtype auto`` sees a CPU without bf16 matrix instructions, so every test computes in
     float32 whatever machine runs it; the bf16 tests ask for it (tests/test_precision.py)."""
@@ -62,3 +70,18 @@ def isolated_home(tmp_path, monkeypatch):
     for key in list(os.environ):
         if key.startswith("SPECCHAT_"):
             monkeypatch.delenv(key)
+    before = _shared_cache_entries()
+    yield
+    leaked = sorted(p for p in _shared_cache_entries() - before if not p.name.lstrip(".").startswith("demo-"))
+    for path in leaked:  # removed, so that a leak does not pile up run after run
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if leaked:
+        pytest.fail(f"the test wrote {', '.join(map(str, leaked))} into the user's cache: give it a --store "
+                    "(or an XDG_CACHE_HOME) of its own")
+
+
+def _shared_cache_entries() -> set[Path]:
+    return {entry for folder in SHARED_FOLDERS if (SHARED_CACHE / folder).is_dir() for entry in (SHARED_CACHE / folder).iterdir()}

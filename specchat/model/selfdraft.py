@@ -85,7 +85,7 @@ def build_self_draft(
     these weights is there, else built and written layer by layer (an interrupted build resumes).
     A cache that cannot be written costs only the time to build the copy again next run."""
     copy = _Copy(facts, kind, layer_dtype(target.dtype), weights == "4bit")
-    meta = {"kind": kind, "dtype": str(copy.dtype)} | rounding_identity(kind) | ({"weights": "nf4"} if copy.of_nf4 else {})
+    meta = {"kind": kind, "dtype": str(copy.dtype)} | rounding_identity(kind, copy.dtype) | ({"weights": "nf4"} if copy.of_nf4 else {})
     files = LayerFiles(cache_dir, facts.path, facts.num_layers, meta) if cache_dir else None
     layers = _load_copy(files, copy, progress) if files is not None and files.complete() else None
     if layers is None and files is not None:

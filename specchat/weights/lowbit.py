@@ -1,7 +1,8 @@
 """Low-bit copies of a decoder layer's linear layers, for a draft made from the target itself.
 
-Both kinds are weight-only (the activations stay in the compute dtype, so the only error is
-the weights' rounding) and run on torch's own CPU kernels:
+Both kinds are weight-only (the activations are not rounded to a grid, so the main error is
+the weights' rounding) and run on torch's own CPU kernels, which take their rows and scales in
+bfloat16 even where the target computes in float32 (:func:`kernel_dtype`):
 
 ``int8``  symmetric, one scale per output row: W = s q, q in -127..127, s = max|W_row| / 127;
           ``torch._weight_int8pack_mm`` for narrow inputs; for wide ones (:attr:`Int8Linear.wide_rows`
@@ -37,13 +38,27 @@ LOWBIT_BITS = {"int8": 8, "int4": 4}
 INT4_GROUP = 32  # input columns per (scale, min); see int4_group
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's int4 and int8 CPU kernels take the rows (and the scales) in, for layers
+    computing in ``dtype``: bfloat16 for float32, whose kernel paths are scalar loops.
+
+    On a 2-core Xeon without bf16 instructions (AVX-512 VNNI only), an 8960x1536 product took
+    0.60 / 2.3 / 9.6 ms at 1 / 8 / 32 rows in int4 with bf16 rows against 23 / 185 / 795 ms with
+    float32 rows (int8: 0.84 / 2.8 / 11.6 against 11.5 / 122 / 520; a dense float32 product 2.1 /
+    6.4 / 7.7), so a float32 copy rounds its rows to bf16 for the product and back after it
+    (docs/benchmarks.md, session 27)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
 class LowBitLinear(nn.Module):
     """y = x W^T + b for a low-bit W; the weights live in buffers, so ``state_dict`` saves them
-    and a shell made on the meta device (:meth:`shell`) loads them back."""
+    and a shell made on the meta device (:meth:`shell`) loads them back.  ``dtype`` is what x, y
+    and b are in; the kernel's scales are in :func:`kernel_dtype` of it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel_dtype = kernel_dtype(dtype)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     @classmethod
@@ -59,6 +74,7 @@ class LowBitLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, in) -> (N, out), both in the rows' dtype."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -71,7 +87,7 @@ class Int8Linear(LowBitLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__(in_features, out_features, bias, dtype)
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))  # (out, in)
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))  # (out,)
+        self.register_buffer("scales", torch.empty(out_features, dtype=self.kernel_dtype))  # (out,)
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
@@ -79,7 +95,7 @@ class Int8Linear(LowBitLinear):
         weight = linear.weight.detach().float()  # (out, in)
         scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)  # (out,)
         out.weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        out.scales = scale.to(linear.weight.dtype)
+        out.scales = scale.to(out.kernel_dtype)
         if linear.bias is not None:
             out.bias = linear.bias.detach().clone()
         return out
@@ -89,10 +105,14 @@ class Int8Linear(LowBitLinear):
     def product(self, rows: torch.Tensor) -> torch.Tensor:  # rows (N, in) -> (N, out)
         if rows.shape[0] >= self.wide_rows:
             return self.widened_product(rows)
-        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        return self.narrow_product(rows)
+
+    def narrow_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """torch's int8 kernel, over the rows in the kernel's dtype."""
+        return torch._weight_int8pack_mm(rows.to(self.kernel_dtype), self.weight_int8, self.scales).to(rows.dtype)
 
     def widened_product(self, rows: torch.Tensor) -> torch.Tensor:
-        """(x q^T) s with q in the compute dtype (exact: |q| <= 127 fits bf16 and half)."""
+        """(x q^T) s with q in the rows' dtype (exact: |q| <= 127 fits bf16 and half)."""
         return torch.mm(rows, self.weight_int8.to(rows.dtype).T).mul_(self.scales)
 
 
@@ -104,7 +124,7 @@ class Int4Linear(LowBitLinear):
         self.group = int4_group(in_features)
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))  # (out, in/2)
         # (in/g, out, 2): per group and output row, (scale, zero)
-        self.register_buffer("scales_zeros", torch.empty(in_features // self.group, out_features, 2, dtype=dtype))
+        self.register_buffer("scales_zeros", torch.empty(in_features // self.group, out_features, 2, dtype=self.kernel_dtype))
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int4Linear:
@@ -114,13 +134,14 @@ class Int4Linear(LowBitLinear):
         q, scale, low = int4_rounding(weight.reshape(rows, -1, group))  # (out, in/g, g), 2 x (out, in/g)
         q = q.reshape(rows, -1)
         out.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        out.scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(linear.weight.dtype)
+        out.scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(out.kernel_dtype)
         if linear.bias is not None:
             out.bias = linear.bias.detach().clone()
         return out
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
+        kernel_rows = rows.to(self.kernel_dtype)
+        return torch._weight_int4pack_mm_for_cpu(kernel_rows, self.packed, self.group, self.scales_zeros).to(rows.dtype)
 
 
 INT4_SPANS = (12, 13, 14, 15, 16, 17)  # the scales tried per group: (max - min) / span
@@ -174,9 +195,11 @@ def _int4_levels(groups: torch.Tensor, low: torch.Tensor, step: torch.Tensor) ->
     return torch.round((groups - low[..., None]) / step.clamp(min=1e-12)[..., None]).clamp_(0, 15)
 
 
-def rounding_identity(kind: str) -> dict:
-    """What a saved copy of ``kind`` records of how it was rounded, so a copy rounded otherwise is rebuilt."""
-    return {"group": INT4_GROUP, "rounding": "fit", "spans": list(INT4_SPANS)} if kind == "int4" else {}
+def rounding_identity(kind: str, dtype: torch.dtype) -> dict:
+    """What a saved copy of ``kind`` computing in ``dtype`` records of how it was rounded and what
+    its scales are in, so a copy made otherwise is rebuilt."""
+    scales = {"scales": str(kernel_dtype(dtype))}
+    return scales | ({"group": INT4_GROUP, "rounding": "fit", "spans": list(INT4_SPANS)} if kind == "int4" else {})
 
 
 def int4_group(in_features: int) -> int:
@@ -203,7 +226,7 @@ def tune_int8(layers: list[nn.Module], dtype: torch.dtype, clock=time.perf_count
     crossover = Int8Linear.wide_rows
     for rows in (2, 4, 8, 12, 16, 24, 32, 48, 64):
         x = torch.randn(rows, probe.in_features).to(dtype)
-        narrow = _median_seconds(lambda: torch._weight_int8pack_mm(x, probe.weight_int8, probe.scales), clock)
+        narrow = _median_seconds(lambda: probe.narrow_product(x), clock)
         if _median_seconds(lambda: probe.widened_product(x), clock) < narrow:
             crossover = rows
             break
@@ -240,7 +263,7 @@ def quantize_layer(layer: nn.Module, kind: str, shell: bool = False) -> nn.Modul
 
 def layer_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """What the hidden states are in inside a low-bit layer: the target's compute dtype (float32
-    for a float64 target: the kernels take 16 or 32 bits)."""
+    for a float64 target, whose rows the kernels then take in bf16: :func:`kernel_dtype`)."""
     return torch.float32 if compute_dtype == torch.float64 else compute_dtype
 
 
