@@ -43,10 +43,10 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     computing in ``dtype``: bfloat16 for float32, whose kernel paths are scalar loops.
 
     On a 2-core Xeon without bf16 instructions (AVX-512 VNNI only), an 8960x1536 product took
-    0.60 / 2.3 / 9.6 ms at 1 / 8 / 32 rows in int4 with bf16 rows against 23 / 185 / 795 ms with
-    float32 rows (int8: 0.84 / 2.8 / 11.6 against 11.5 / 122 / 520; a dense float32 product 2.1 /
-    6.4 / 7.7), so a float32 copy rounds its rows to bf16 for the product and back after it
-    (docs/benchmarks.md, session 27)."""
+    0.62 / 3.2 / 7.7 ms at 1 / 8 / 32 rows in int4 with bf16 rows and scales against 26 / 175 / 689
+    ms with float32 ones (int8: 0.88 / 4.1 / 10.3 against 10 / 124 / 492; a dense float32 product
+    2.1 / 7.5 / 7.5), so a float32 copy rounds its rows to bf16 for the product and back after it
+    (benchmarks/lowbit_kernel_dtypes.py; docs/benchmarks.md, session 27)."""
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
