@@ -32,6 +32,7 @@ from specchat.model.selfdraft import build_self_draft, self_draft_dir, self_draf
 from specchat.common.paths import cache_dir
 from specchat.sources.registry import load_registry
 from specchat.sources.resolve import materialize, parse_model_spec
+from specchat.speculation.agreement import SELF_DRAFT_RATE
 from specchat.speculation.lookahead import Lookahead
 
 
@@ -69,7 +70,8 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
         for lookahead in settings:
             costs = PassCosts(calibration, largest_budget=loaded.engine.costs.largest_budget,
                               prior_beta=loaded.engine.costs.prior_beta if is_self else PRIOR_BETA)
-            engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None)
+            engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None,
+                            agreement_prior=SELF_DRAFT_RATE if is_self else None)
             out[name + (" +la" if lookahead and len(args.lookahead) > 1 else "")] = Pipeline(engine, loaded.encode_chat)
     return out, loaded
 

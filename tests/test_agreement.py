@@ -8,7 +8,9 @@ import torch
 from specchat.engine.config import GenerationConfig
 from specchat.engine.engine import Engine
 from specchat.model.lm import LayeredLM
-from specchat.speculation.agreement import BINS, GreedyAgreement
+from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner
+from specchat.engine.autobudget.costs import PassCosts
+from specchat.speculation.agreement import BINS, SELF_DRAFT_RATE, GreedyAgreement
 from tiny import CharTokenizer, tiny_hf
 
 
@@ -70,3 +72,42 @@ def test_sampling_trees_are_scored_by_the_draft_alone():
     engine = Engine(target, LayeredLM(tiny_hf(0, dtype=torch.float32)), CharTokenizer(), [])
     list(engine.generate([1, 2, 3], GenerationConfig(budget=8, max_new_tokens=12, temperature=0.8, seed=3)))
     assert torch.equal(engine.agreement.hits, GreedyAgreement().hits)  # nothing learned from sampled passes
+
+
+def test_a_self_draft_prior_takes_favourites_at_its_rate_until_measured():
+    middles = (torch.arange(BINS, dtype=torch.float64) + 0.5) / BINS
+    prior = GreedyAgreement(prior_rate=SELF_DRAFT_RATE)
+    torch.testing.assert_close(prior.rate(middles), torch.full((BINS,), SELF_DRAFT_RATE, dtype=torch.float64))
+    for i in range(200):  # measured: the target takes half the favourites drafted at 0.55
+        prior.observe(0.55, hit=i % 2 == 0)
+    assert float(prior.rate(torch.tensor([0.55]))) == pytest.approx(0.5, abs=0.02)
+
+
+class RecordingTuner(CostModelTuner):
+    """A tuner held at one budget that records what every pass reported."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(Calibration({1: 1.0, 16: 1.0}, {"specexec": {1: 0.1, 16: 0.4}}), "specexec", 32, initial=budget)
+        self.budget, self.reports = budget, []
+
+    def observe(self, budget, tokens, draft_s, target_s, ran_out=False):
+        self.reports.append((budget, tokens, ran_out))
+        self.current = self.budget
+
+
+@pytest.mark.parametrize("draft_seed, ran_out", [(0, True), (7, False)], ids=["draft = target", "random draft"])
+def test_each_pass_tells_the_tuner_whether_it_ran_out_of_tree(draft_seed, ran_out):
+    """K=2, greedy: with the target as its own draft every pass takes a leaf (the favourite child, or
+    the chain of two); a random draft's children are refused at the root, which has children."""
+    target = LayeredLM(tiny_hf(0, dtype=torch.float32))
+    tuner = RecordingTuner(2)
+    costs = PassCosts(Calibration({1: 1.0, 16: 1.0}, {"specexec": {1: 0.1, 16: 0.4}}))
+    costs.tuners[("specexec", 0.0, 1.0)] = tuner
+    engine = Engine(target, LayeredLM(tiny_hf(draft_seed, dtype=torch.float32)), CharTokenizer(), [], costs=costs)
+    list(engine.generate([1, 2, 3], GenerationConfig(budget=None, max_new_tokens=24)))
+    ends = [r[2] for r in tuner.reports]
+    assert len(ends) >= 6 and all(budget == 2 for budget, _, _ in tuner.reports)
+    if ran_out:
+        assert all(ends)
+    else:
+        assert sum(ends) <= len(ends) // 4, tuner.reports

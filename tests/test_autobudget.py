@@ -234,3 +234,36 @@ def test_the_draft_time_scale_converges_to_measured_over_calibrated():
         engine.reset()
         list(engine.generate([1, 2, 3], config))
     assert costs.draft_scale == pytest.approx(5.0, rel=0.01)  # not sqrt(5) = 2.2, a fixed point of a wrong update
+
+
+def test_auto_climbs_with_a_draft_whose_chains_the_target_takes_whole_after_a_bushy_start():
+    """A draft made from the target: once the greedy agreement is learnt, each pass takes about
+    the whole chain (every pass ending at a leaf), drafting one width-1 step per node.  Its first
+    passes grew bushy trees (at most 4.5 tokens whatever K), and the budgets measured then must
+    not keep the tuner at a small K for the rest of the session (before passes reported running
+    out, it stayed at K=4 here, at two thirds of the best rate, as it did on the demo target)."""
+    # The demo target streamed and its int4 copy, as calibrated on a float32 Xeon (session 28).
+    calibration = Calibration({1: 1.15, 16: 1.60, 64: 2.77, 256: 6.26}, {"specexec": {1: 0.17, 16: 1.14, 64: 3.65, 256: 12.2}})
+    chain_tokens = lambda k: sum(0.985**i for i in range(min(k, 32) + 1))
+    chain_draft = lambda k: 0.17 * (min(k, 32) + 1)
+    tuner = CostModelTuner(calibration, "specexec", max_depth=32, prior_beta=2.0)
+    for i in range(66):
+        k = tuner.current
+        if i < 6:  # before the agreement is learnt
+            tuner.observe(k, min(4.5, k + 1.0), chain_draft(k), calibration.target(k), ran_out=False)
+        else:
+            tuner.observe(k, chain_tokens(k), chain_draft(k), calibration.target(k), ran_out=True)
+    target_s = calibration.target
+    best = max(CANDIDATES, key=lambda k: rate(k, chain_tokens, target_s, chain_draft))
+    assert rate(tuner.current, chain_tokens, target_s, chain_draft) >= 0.9 * rate(best, chain_tokens, target_s, chain_draft), (tuner.current, best)
+    assert tuner.ran_out_share(tuner.current) == 1.0
+
+
+def test_passes_that_never_run_out_leave_the_exploration_as_it_was():
+    tuner = CostModelTuner(calibrate(*SCENARIOS["in between"]), "specexec", max_depth=32)
+    twin = CostModelTuner(calibrate(*SCENARIOS["in between"]), "specexec", max_depth=32)
+    for _ in range(40):
+        k = tuner.current
+        assert twin.current == k
+        for t in (tuner, twin):
+            t.observe(k, log_tokens(k), 0.05 + 0.004 * k, 1.0 + 0.02 * k, **({} if t is twin else {"ran_out": False}))

@@ -13,6 +13,7 @@ from specchat.cli.app import app
 from specchat.engine.autobudget.costmodel import PRIOR_BETA, SELF_DRAFT_PRIOR_BETA
 from specchat.engine.config import GenerationConfig
 from specchat.engine.engine import Engine
+from specchat.speculation.agreement import SELF_DRAFT_RATE, GreedyAgreement
 from specchat.model.kvcache import KVCache, SharedPrefixCache
 from specchat.model.loading import load_resident
 from specchat.model.selfdraft import build_self_draft, self_draft_bytes, self_draft_kind
@@ -364,6 +365,8 @@ def test_the_loaded_engine_looks_ahead_where_the_target_streams_and_expects_deep
     pipeline = load_pipeline(config)
     assert isinstance(pipeline.engine.lookahead, Lookahead) == (offload == "ssd" and draft.startswith("self"))
     assert pipeline.engine.costs.prior_beta == (SELF_DRAFT_PRIOR_BETA if draft.startswith("self") else PRIOR_BETA)
+    unmeasured = GreedyAgreement(SELF_DRAFT_RATE if draft.startswith("self") else None)
+    assert torch.equal(pipeline.engine.agreement.hits, unmeasured.hits)  # a self draft's first trees go deep
     ids = pipeline.encode_chat([{"role": "user", "content": "the sea"}])
     done = list(pipeline.generate(ids, config.generation()))[-1]
     plain_engine = Engine(pipeline.engine.target, None, pipeline.tokenizer, pipeline.engine.eos_token_ids)

@@ -22,6 +22,7 @@ from specchat.engine.events import DoneEvent, Event, GenerationStats
 from specchat.model.loading import LoadedModel, load_int8, load_resident
 from specchat.model.placement import Machine, OffloadPlan, check_tree, free_memory, largest_tree, place_target, resolve_device
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
+from specchat.speculation.agreement import SELF_DRAFT_RATE
 from specchat.speculation.lookahead import Lookahead
 from specchat.weights.lowbit import LOWBIT_BITS
 from specchat.model.target import load_target, target_ram_bytes
@@ -116,7 +117,8 @@ def load_pipeline(config: RunConfig, progress: Progress = lambda message: None, 
     draft = _load_draft(choice, config, machine, target, plan, store_root, progress)
     costs = PassCosts(prior_beta=SELF_DRAFT_PRIOR_BETA if choice.self_kind else PRIOR_BETA)
     engine = Engine(
-        target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids, costs=costs, lookahead=_lookahead(plan, target_facts, choice)
+        target.lm, draft.lm if draft else None, target.tokenizer, target.eos_token_ids, costs=costs,
+        lookahead=_lookahead(plan, target_facts, choice), agreement_prior=SELF_DRAFT_RATE if choice.self_kind else None,
     )
     if not plan.on_gpu:  # --budget auto never grows a tree the RAM cannot hold
         engine.costs.largest_budget = max(largest_tree(target_facts, dtype, ram_left), 1)

@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,16 @@ from specchat.speculation.speculator import SPECULATORS, Speculator, speculator_
 from specchat.speculation.tree import Tree
 from specchat.speculation.verify import target_tree_logits
 
+class PassResult(NamedTuple):
+    """One target pass: the tokens it committed and what it cost."""
+
+    drawn: list[int]  # accepted tree tokens, then the one the target drew
+    tree_size: int  # nodes verified, the root excluded (0 for AR)
+    draft_s: float
+    target_s: float
+    ran_out: bool  # the accepted path ended at a leaf: a bigger tree could have given more
+
+
 PREFILL_CHUNK = 512  # prompt tokens per layer call in a prefill, to bound activation memory
 
 
@@ -59,6 +70,7 @@ class Engine:
         clock: Callable[[], float] = time.perf_counter,
         speculators: Mapping[str, Speculator] = SPECULATORS,
         greedy_agreement: bool = True,
+        agreement_prior: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         lookahead: Lookahead | None = None,
     ) -> None:
@@ -71,7 +83,8 @@ class Engine:
         self.clock = clock  # seconds; every duration the engine reports or weighs is read from it
         self.speculators = speculators  # method name -> how it grows and walks a tree
         # greedy SpecExec trees are scored by how often the target took the draft's favourite
-        self.agreement = GreedyAgreement() if greedy_agreement else None
+        # (agreement_prior: the rate assumed before any pass is measured; None: the draft's q1)
+        self.agreement = GreedyAgreement(agreement_prior) if greedy_agreement else None
         # SpecExec's next tree grown during the target's pass (lookahead.py); the one it began, while valid
         self.lookahead = lookahead if draft is not None else None
         self._ahead: Ahead | None = None
@@ -142,11 +155,11 @@ class Engine:
     ) -> tuple[TextEvent, bool]:
         """One pass, committed: (its event, whether the reply is complete)."""
         if tally.speculator is None:
-            drawn, tree_size, draft_s, target_s = self._plain_pass(config.sampling, generator)
+            drawn, tree_size, draft_s, target_s, ran_out = self._plain_pass(config.sampling, generator)
         else:
-            drawn, tree_size, draft_s, target_s = self._tree_pass(tally.speculator, config, generator, tally)
+            drawn, tree_size, draft_s, target_s, ran_out = self._tree_pass(tally.speculator, config, generator, tally)
         if tuner:
-            tuner.observe(config.budget, len(drawn), draft_s, target_s)
+            tuner.observe(config.budget, len(drawn), draft_s, target_s, ran_out)
         tally.add_pass(tree_size, draft_s, target_s)
         drawn, tally.finish = self._trim(drawn, max_new - len(tally.new_ids))
         self._commit(drawn)
@@ -163,8 +176,8 @@ class Engine:
 
     def _tree_pass(
         self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, tally: Tally
-    ) -> tuple[list[int], int, float, float]:
-        """Grow, verify, walk: (new tokens, tree size, draft seconds, target seconds); prunes both caches."""
+    ) -> PassResult:
+        """Grow, verify, walk; prunes both caches."""
         sampling = config.sampling
         started = self.clock()
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
@@ -197,7 +210,8 @@ class Engine:
         self.costs.observe_target(config.budget, target_s)
         if growth.agreement is not None:
             self._observe_agreement(tree, path, new)
-        return new, tree.size - 1, draft_s, target_s
+        ran_out = not bool((tree.parents == path[-1]).any())  # the accepted path ended at a leaf
+        return PassResult(new, tree.size - 1, draft_s, target_s, ran_out)
 
     def _bet(self, speculator: Speculator, tree: Tree, growth: GrowthParams, sampling: SamplingParams):
         """Start the lookahead on ``tree`` (speculation/lookahead.py), where this engine and method have one."""
@@ -223,7 +237,7 @@ class Engine:
             if favourite >= 0:
                 self.agreement.observe(float(tree.favourite_probs[node]), favourite == token)
 
-    def _plain_pass(self, sampling: SamplingParams, generator: torch.Generator) -> tuple[list[int], int, float, float]:
+    def _plain_pass(self, sampling: SamplingParams, generator: torch.Generator) -> PassResult:
         """Autoregressive decoding: one target forward over the root, one token."""
         started = self.clock()
         root = torch.tensor(self.tokens[-1:])
@@ -231,7 +245,7 @@ class Engine:
         visible = causal_visibility(self.target_cache.length, 1)
         logits = self.target.forward(root, position, visible, self.target_cache)  # (1, V)
         token = int(logits[0].argmax()) if sampling.greedy else sample(probabilities(logits, sampling)[0], generator)
-        return [token], 0, 0.0, self.clock() - started
+        return PassResult([token], 0, 0.0, self.clock() - started, False)
 
     # -- bookkeeping --------------------------------------------------------------------
     def _trim(self, drawn: list[int], room: int) -> tuple[list[int], str]:

@@ -32,6 +32,13 @@ within :data:`EXPLORE_MARGIN` of the best, 2K when it could beat K on an optimis
 bound -- one more doubling's tokens (beta) for no more drafting than K's, over the
 calibrated target pass at 2K:  (E(K) + beta) / (D_measured(K) + T(2K)) > tokens/s (K).
 Measured means then settle the choice, so the tuner climbs while bigger trees pay.
+A pass whose accepted path ended at a leaf of its tree "ran out": the target took everything the
+tree held down that path, so a bigger tree could have given more.  Where most of K's passes ran
+out, the optimistic bound for 2K adds the tokens of a chain twice as deep, E(K) - 1 times the
+share of K's passes that ran out (a draft made from the target, whose chains the target takes
+whole, gains about that much per doubling, not beta), and a measurement of 2K not renewed for
+:data:`WINDOW` passes is dropped, to be taken again: it may date from passes before the greedy
+agreement (speculation/agreement.py) was learnt, when the same budget grew bushier trees.
 Measurements of a K unused for :data:`STALE_PASSES` passes are forgotten, so no
 budget is ruled out for a whole session by a few unlucky passes.
 """
@@ -161,6 +168,7 @@ class _Pass:
     tokens: int
     draft_s: float
     target_s: float
+    ran_out: bool = False  # the accepted path ended at a leaf of the tree
 
 
 class CostModelTuner:
@@ -201,12 +209,28 @@ class CostModelTuner:
             return self._measured_mean(k, "draft_s") + self._measured_mean(k, "target_s")
         return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
 
+    def ran_out_share(self, k: int) -> float:
+        """The share of K's recent passes whose accepted path ended at a leaf (0 where none were run)."""
+        runs = self._passes.get(k, ())
+        return sum(r.ran_out for r in runs) / len(runs) if runs else 0.0
+
     def _bigger_could_pay(self, k: int) -> bool:
-        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens, K's
-        measured drafting, the calibrated target pass at 2K (see the module's docstring)."""
-        draft_s = self._measured_mean(k, "draft_s")
-        bound = (self.expected_tokens(k) + self.beta) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
+        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens (beta, or a
+        chain twice as deep where K's passes ran out), K's measured drafting, the calibrated target
+        pass at 2K (see the module's docstring)."""
+        draft_s, tokens = self._measured_mean(k, "draft_s"), self.expected_tokens(k)
+        gain = max(self.beta, self.ran_out_share(k) * (tokens - 1.0))
+        bound = (tokens + gain) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
         return bound > self.throughput(k)
+
+    def _renew_bigger(self, k: int) -> None:
+        """Where most of the measured K's passes ran out, drop 2K's measurement unless it is recent
+        (see the module's docstring), so that 2K is judged by the bound and measured again."""
+        bigger = 2 * k
+        if bigger not in self._passes or self.ran_out_share(k) < 0.5:
+            return
+        if self._pass_count - self._last_used[bigger] >= WINDOW:
+            del self._passes[bigger], self._last_used[bigger]
 
     def throughput(self, k: int) -> float:
         return self.expected_tokens(k) / max(self.predicted_seconds(k), 1e-9)
@@ -222,6 +246,7 @@ class CostModelTuner:
             return self.current  # finish measuring the budget being tried
         best = self.best()
         if self._measured(best):
+            self._renew_bigger(best)
             smaller, bigger = best // 2, best * 2
             if smaller in self.candidates and not self._measured(smaller):
                 if self.throughput(smaller) >= EXPLORE_MARGIN * self.throughput(best):
@@ -232,8 +257,9 @@ class CostModelTuner:
         return best
 
     # -- learning ----------------------------------------------------------------------
-    def observe(self, budget: int, tokens: float, draft_s: float, target_s: float) -> None:
-        self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(_Pass(tokens, draft_s, target_s))
+    def observe(self, budget: int, tokens: float, draft_s: float, target_s: float, ran_out: bool = False) -> None:
+        """One pass at ``budget``: its tokens, seconds, and whether its accepted path ended at a leaf."""
+        self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(_Pass(tokens, draft_s, target_s, ran_out))
         self._pass_count += 1
         self._last_used[budget] = self._pass_count
         self._forget_stale()
