@@ -14,7 +14,7 @@ pass verifies the whole tree, so a pass yields E[tokens | K] tokens):
 * Online, each pass's measured times rescale T and D (a running ratio of measured
   to calibrated), so a busier machine moves the choice.
 * E[tokens | K] follows the paper's observation that accepted tokens grow about
-  with log K:  E(K) = 1 + beta * log2(1 + K), capped at max_depth + 1.  beta starts
+  with log K:  E(K) = 1 + beta * log2(1 + K), capped at min(K, max_depth) + 1.  beta starts
   at a prior and is re-estimated from every pass of the session (running mean of
   (tokens - 1) / log2(1 + K_used)); where passes at a K have been measured, their
   mean tokens replace the curve, so a budget whose acceptance saturated is judged
@@ -33,12 +33,17 @@ bound -- one more doubling's tokens (beta) for no more drafting than K's, over t
 calibrated target pass at 2K:  (E(K) + beta) / (D_measured(K) + T(2K)) > tokens/s (K).
 Measured means then settle the choice, so the tuner climbs while bigger trees pay.
 A pass whose accepted path ended at a leaf of its tree "ran out": the target took everything the
-tree held down that path, so a bigger tree could have given more.  Where most of K's passes ran
-out, the optimistic bound for 2K adds the tokens of a chain twice as deep, E(K) - 1 times the
-share of K's passes that ran out (a draft made from the target, whose chains the target takes
-whole, gains about that much per doubling, not beta), and a measurement of 2K not renewed for
-:data:`WINDOW` passes is dropped, to be taken again: it may date from passes before the greedy
-agreement (speculation/agreement.py) was learnt, when the same budget grew bushier trees.
+tree held down that path, so a bigger tree could have given more.  How much more depends on the
+tree's shape: where K's passes took a chain of nearly all K nodes (a draft made from the target,
+whose favourite chains the target takes whole), 2K holds a chain twice as deep; a bushy tree
+(a sibling's) grows little deeper with 2K.  So K's *chain share*
+
+    c(K) = (share of K's passes that ran out) * (E(K) - 1) / K
+
+adds c(K) * (E(K) - 1) tokens to the optimistic bound for 2K where that beats beta, and, where
+c(K) >= 1/2, a measurement of 2K not renewed for :data:`WINDOW` passes is dropped, to be taken
+again: it may date from passes before the greedy agreement (speculation/agreement.py) was
+learnt, when the same budget grew bushier trees.
 Measurements of a K unused for :data:`STALE_PASSES` passes are forgotten, so no
 budget is ruled out for a whole session by a few unlucky passes.
 """
@@ -195,7 +200,7 @@ class CostModelTuner:
         measured = self._measured_mean(k, "tokens")
         if measured is not None:
             return measured
-        return min(1.0 + self.beta * math.log2(1 + k), self.max_depth + 1.0)
+        return min(1.0 + self.beta * math.log2(1 + k), min(k, self.max_depth) + 1.0)  # K nodes: at most K + 1 tokens
 
     def _measured_mean(self, k: int, part: str) -> float | None:
         """The mean of ``part`` ("tokens", "draft_s", "target_s") over K's passes, once measured; else None."""
@@ -209,25 +214,30 @@ class CostModelTuner:
             return self._measured_mean(k, "draft_s") + self._measured_mean(k, "target_s")
         return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
 
-    def ran_out_share(self, k: int) -> float:
-        """The share of K's recent passes whose accepted path ended at a leaf (0 where none were run)."""
+    def chain_share(self, k: int) -> float:
+        """c(K): the share of K's recent passes that ran out times the share of the tree their
+        accepted paths took (0 where none were run; see the module's docstring)."""
         runs = self._passes.get(k, ())
-        return sum(r.ran_out for r in runs) / len(runs) if runs else 0.0
+        if not runs:
+            return 0.0
+        ran_out = sum(r.ran_out for r in runs) / len(runs)
+        taken = sum(r.tokens - 1.0 for r in runs) / len(runs) / k
+        return ran_out * min(taken, 1.0)
 
     def _bigger_could_pay(self, k: int) -> bool:
-        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens (beta, or a
-        chain twice as deep where K's passes ran out), K's measured drafting, the calibrated target
-        pass at 2K (see the module's docstring)."""
+        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens (beta, or
+        a chain deeper by the chain share, where K's passes ran out), K's measured drafting, the
+        calibrated target pass at 2K (see the module's docstring)."""
         draft_s, tokens = self._measured_mean(k, "draft_s"), self.expected_tokens(k)
-        gain = max(self.beta, self.ran_out_share(k) * (tokens - 1.0))
+        gain = max(self.beta, self.chain_share(k) * (tokens - 1.0))
         bound = (tokens + gain) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
         return bound > self.throughput(k)
 
     def _renew_bigger(self, k: int) -> None:
-        """Where most of the measured K's passes ran out, drop 2K's measurement unless it is recent
-        (see the module's docstring), so that 2K is judged by the bound and measured again."""
+        """Where K's passes took chains of most of the tree and ran out, drop 2K's measurement unless
+        it is recent (see the module's docstring), so that 2K is judged by the bound and measured again."""
         bigger = 2 * k
-        if bigger not in self._passes or self.ran_out_share(k) < 0.5:
+        if bigger not in self._passes or self.chain_share(k) < 0.5:
             return
         if self._pass_count - self._last_used[bigger] >= WINDOW:
             del self._passes[bigger], self._last_used[bigger]
