@@ -259,6 +259,16 @@ def test_auto_climbs_with_a_draft_whose_chains_the_target_takes_whole_after_a_bu
     assert tuner.chain_share(tuner.current) > 0.5
 
 
+def test_passes_that_never_run_out_leave_the_exploration_as_it_was():
+    tuner = CostModelTuner(calibrate(*SCENARIOS["in between"]), "specexec", max_depth=32)
+    twin = CostModelTuner(calibrate(*SCENARIOS["in between"]), "specexec", max_depth=32)
+    for _ in range(40):
+        k = tuner.current
+        assert twin.current == k
+        for t in (tuner, twin):
+            t.observe(k, log_tokens(k), 0.05 + 0.004 * k, 1.0 + 0.02 * k, **({} if t is twin else {"ran_out": False}))
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_bushy_trees_that_run_out_still_settle_within_10_percent_of_the_best(scenario):
     """A sibling's passes end at a leaf too (its accepted path is short, the tree wide): a few
