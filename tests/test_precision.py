@@ -47,6 +47,20 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert precision.cpu_flags(tmp_path / "absent") == set()
 
 
+def test_saved_timings_are_kept_under_the_processor_and_the_code(tmp_path):
+    from specchat.common.system import CpuInfo, measurement_identity, source_digest
+
+    identity = measurement_identity(CpuInfo("AMD EPYC  9R45 ", frozenset()))
+    assert identity.startswith("cpu=AMD_EPYC_9R45 specchat=")
+    assert measurement_identity(CpuInfo(None, frozenset())).startswith("cpu=unknown ")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = source_digest(tmp_path)
+    assert len(before) == 12 and source_digest(tmp_path) == before
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")  # an edited checkout: its timings are measured again
+    assert source_digest(tmp_path) != before
+
+
 def test_an_unknown_dtype_is_refused():
     with pytest.raises(ConfigError, match="--dtype must be one of auto, float32, bfloat16, float16"):
         RunConfig(dtype="int4")

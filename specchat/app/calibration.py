@@ -11,6 +11,7 @@ import torch
 from specchat.app.config import RunConfig
 from specchat.common.errors import SpecchatError, reason
 from specchat.common.paths import config_file
+from specchat.common.system import measurement_identity
 from specchat.engine.autobudget.costmodel import Calibration, CostModelTuner, calibrated_choices, load_calibration, save_calibration
 from specchat.engine.autobudget.measure import measure_calibration
 from specchat.model.placement import resolve_quant
@@ -51,9 +52,8 @@ def _measure(pipeline: Pipeline, key: str, max_depth: int, width: int, progress:
 
 
 def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
-    """What the measured costs depend on: models, precisions, placement, threads, growth width."""
-    from specchat import __version__
-
+    """What the measured costs depend on: models, precisions, placement, threads, growth width,
+    the processor and the code."""
     return (
         f"{pipeline.target_name} quant={resolve_quant(config.quant)} dtype={dtype_name(pipeline.compute_dtype)} "
         f"{'' if pipeline.device.type == 'cpu' else f'device={_device_label(pipeline.device)} '}"
@@ -61,7 +61,7 @@ def calibration_key(pipeline: Pipeline, config: RunConfig) -> str:
         f"{f'+{pipeline.offload.host_layers}' if pipeline.offload.host_layers else ''} "
         f"{f'store={config.store} ' if config.store and pipeline.offload.mode == 'ssd' else ''}"  # another disk, other times
         f"draft={pipeline.draft_name} {config.draft_quant} batch={config.generation().width} depth={config.max_depth} "
-        f"threads={torch.get_num_threads()} specchat={__version__}"
+        f"threads={torch.get_num_threads()} {measurement_identity()}"
     )
 
 

@@ -8,8 +8,9 @@ A reply's decoding speed is the product the issue's cost model predicts from its
 measured whole: every finished reply adds its new tokens and its decode seconds (wall time less
 the prefill) to a running total under a key that names what those seconds depend on besides the
 prompt -- target, draft, precisions, device, placement, method, budget mode, greedy or sampled,
-threads.  The totals decay (at most :data:`WINDOW_TOKENS` tokens are kept), so that a slower
-disk or a busier machine moves the choice.  A draft's speed counts once :data:`MIN_TOKENS`
+threads, the processor and the code (:func:`~specchat.common.system.measurement_identity`).
+The totals decay (at most :data:`WINDOW_TOKENS` tokens are kept), so that a slower disk or a
+busier machine moves the choice.  A draft's speed counts once :data:`MIN_TOKENS`
 tokens were measured in the same setting.
 """
 
@@ -23,6 +24,7 @@ import torch
 from specchat.app.config import RunConfig
 from specchat.common.files import atomic_write
 from specchat.common.paths import config_file
+from specchat.common.system import measurement_identity
 from specchat.engine.config import GenerationConfig
 from specchat.engine.events import GenerationStats
 from specchat.model.placement import OffloadPlan, resolve_quant
@@ -42,14 +44,12 @@ def speed_key(
     generation: GenerationConfig,
 ) -> str:
     """Everything a reply's decoding speed depends on but the prompt."""
-    from specchat import __version__
-
     quant = "" if draft.startswith("self:") else f" {run.draft_quant}"  # a sibling's weights on the CPU
     return (
         f"{target} draft={draft}{quant} quant={resolve_quant(run.quant)} dtype={dtype_name(dtype)} device={device.type} "
         f"offload={plan.mode}:{plan.resident_layers}+{plan.host_layers} store={run.store or '-'} "
         f"method={generation.method} budget={generation.budget or 'auto'} "
-        f"{'sampled' if generation.temperature > 0 else 'greedy'} threads={torch.get_num_threads()} specchat={__version__}"
+        f"{'sampled' if generation.temperature > 0 else 'greedy'} threads={torch.get_num_threads()} {measurement_identity()}"
     )
 
 
