@@ -176,7 +176,8 @@ def paired_registry(tmp_path, monkeypatch, tiny_dirs):
 
 
 def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_registry):
-    result = runner.invoke(app, ["run", "--model", "tiny-target", "--draft", "auto", "--budget", "4", "--max-new-tokens", "5", "the sea"])
+    args = ["run", "--model", "tiny-target", "--draft", "auto", "--dtype", "bfloat16", "--budget", "4", "--max-new-tokens", "5"]
+    result = runner.invoke(app, args + ["the sea"])
     assert result.exit_code == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
     assert line.startswith("draft tiny-draft: the first registered draft of tiny-target that is here, shares its tokenizer and fits")
@@ -184,32 +185,42 @@ def test_draft_auto_skips_a_mismatched_tokenizer_and_a_missing_draft(paired_regi
     assert "tiny-absent:" in line
 
 
-@pytest.mark.parametrize("offload", ["none", "ssd"])
-def test_draft_auto_takes_the_self_draft_where_the_target_streams_and_the_sibling_where_it_is_resident(
-    paired_registry, tmp_path, offload
+@pytest.mark.parametrize("offload, dtype, why", [
+    ("ssd", "float32", "the target streams 2 of its 2 layers from the disk every pass"),
+    ("ssd", "bfloat16", "the target streams 2 of its 2 layers from the disk every pass"),
+    ("none", "float32", "the target computes in float32 here, where a pass over a tree costs twice a one-token pass"),
+    ("none", "bfloat16", None),  # resident in 16-bit: the sibling
+])
+def test_draft_auto_takes_the_self_draft_where_the_target_streams_or_computes_in_float32(
+    paired_registry, tmp_path, offload, dtype, why
 ):
     args = ["run", "--model", "tiny-target", "--draft", "auto", "--budget", "4", "--max-new-tokens", "5", "--json",
-            "--offload", offload, "--store", str(tmp_path / "stores"), "the sea"]
+            "--offload", offload, "--dtype", dtype, "--store", str(tmp_path / "stores"), "the sea"]
     if offload == "ssd":
         args += ["--ram-budget", "1000"]  # no layer stays resident
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("draft "))
-    if offload == "ssd":
-        assert line.startswith("draft self:int4: the target streams 2 of its 2 layers from the disk every pass")
+    if why is None:
+        assert line.startswith("draft tiny-draft: the first registered draft")
+        assert json.loads(result.stdout)["stats"]["draft"]["name"] == "tiny-draft"
+    else:
+        assert line.startswith(f"draft self:int4: {why}, so the draft that agrees with it most pays")
         assert line.endswith("rather than tiny-draft")
         assert json.loads(result.stdout)["stats"]["draft"]["name"] == "self:int4"
-    else:
-        assert line.startswith("draft tiny-draft: the first registered draft")
 
 
-@pytest.mark.parametrize("offload, faster", [("ssd", "tiny-draft"), ("none", "self:int4")])
-def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_settings(paired_registry, tmp_path, offload, faster):
+@pytest.mark.parametrize("offload, dtype, faster", [
+    ("ssd", "float32", "tiny-draft"), ("none", "float32", "tiny-draft"), ("none", "bfloat16", "self:int4"),
+])
+def test_draft_auto_takes_the_draft_measured_faster_once_both_ran_in_these_settings(
+    paired_registry, tmp_path, offload, dtype, faster
+):
     """Against the rule in each regime: measured speeds, once both drafts have some, decide."""
     from specchat.app.draftspeed import speed_file
 
     args = ["run", "--model", "tiny-target", "--budget", "4", "--max-new-tokens", "5", "--json",
-            "--offload", offload, "--store", str(tmp_path / "stores"), "the sea"]
+            "--offload", offload, "--dtype", dtype, "--store", str(tmp_path / "stores"), "the sea"]
     if offload == "ssd":
         args += ["--ram-budget", "1000"]
     for draft in ("tiny-draft", "self:int4"):

@@ -1,7 +1,8 @@
 """Which draft grows the trees: the one configured, a low-bit copy of the target itself
 (``--draft self``), or (``--draft auto``) the first registered draft of the target that is here,
 shares its tokenizer and fits beside it -- or the target's own low-bit copy, where it measured
-faster here, or before both were measured, where the target streams (:func:`_self_or_sibling`)."""
+faster here, or before both were measured, where the target streams or computes in float32
+(:func:`_self_or_sibling`)."""
 
 from __future__ import annotations
 
@@ -104,9 +105,12 @@ def _self_or_sibling(
     A streamed pass costs the disk's time for its layers whatever the tree, so what counts is
     how many tokens a pass accepts, and a copy of the target agrees with it far more often
     than a smaller model does (docs/benchmarks.md, sessions 21 and 23: 3.9-4.9x AR against the
-    sibling's 2.9-3.0x in the SSD scenario).  A resident target computes a pass about as fast as
-    its low-bit copy takes a draft step on a CPU, so there the smaller sibling is taken first
-    (6.08 against 5.80 tok/s there).  A 4-bit target streams 3.5x fewer bytes, so its pass is
+    sibling's 2.9-3.0x in the SSD scenario).  A resident target computing in bf16 (a CPU with bf16
+    matrix instructions) verifies a small tree in little more than a one-token pass (0.31
+    against 0.25 s), so the sibling's cheaper steps win there and it is taken first (6.08
+    against 5.80 tok/s, session 21).  In float32 a tree pass is compute-bound on 2 cores (0.53
+    against 0.24 s) and the count of passes rules again: the self draft decoded 6.16 tok/s
+    against the sibling's 4.64 (session 31).  A 4-bit target streams 3.5x fewer bytes, so its pass is
     short and the draft's step cost counts more: its self draft is the int4 copy of its NF4
     weights (:func:`self_kind_for`; 1.26x the sibling's tok/s, where the int8 copy was 1.04x,
     session 24)."""
@@ -133,12 +137,13 @@ def _self_or_sibling(
             f"({own:.2f} against {other:.2f} tok/s of decoding); {fits}"
         ))
     streamed = target.num_layers - plan.resident_layers if plan.store_dtype is not None else 0
-    if streamed == 0:
+    if streamed:
+        why = f"the target streams {streamed} of its {target.num_layers} layers from the disk every pass"
+    elif machine.dtype == torch.float32:
+        why = "the target computes in float32 here, where a pass over a tree costs twice a one-token pass"
+    else:
         return sibling
-    reason = (
-        f"draft self:{kind}: the target streams {streamed} of its {target.num_layers} layers from the disk every pass, "
-        f"so the draft that agrees with it most pays: {fits} rather than {sibling.name}"
-    )
+    reason = f"draft self:{kind}: {why}, so the draft that agrees with it most pays: {fits} rather than {sibling.name}"
     return replace(_self_draft(target, kind, machine), reason=reason)
 
 

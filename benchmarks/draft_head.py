@@ -1,0 +1,56 @@
+"""Would a low-bit copy of the LM head pay for the self draft?  The self:int4 draft with the
+target's own float32 head against the same draft with an int8 (per row) or int4 (per group of
+32) copy of it: agreement with the target's greedy continuations (share of positions whose
+target token is in the draft's top 1/2/4) and one draft step's time at widths 1/8/32 after a
+200-token prefix (benchmarks/self_draft.py's measures).
+
+    .venv/bin/python benchmarks/draft_head.py --n 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+from self_draft import agreement, greedy_continuation, step_seconds
+
+from specchat.app.config import RunConfig
+from specchat.app.loader import load_pipeline
+from specchat.bench.sweep import load_prompts
+from specchat.common.paths import cache_dir
+from specchat.model.selfdraft import build_self_draft, self_draft_dir
+from specchat.sources.facts import read_facts
+from specchat.weights.lowbit import Int4Linear, Int8Linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=48)
+    args = parser.parse_args()
+    pipeline = load_pipeline(RunConfig(model="demo", draft="none", offload="none", budget=16), calibrate=False)
+    target = pipeline.engine.target
+    facts = read_facts(pipeline.target.path)
+    base = build_self_draft(target, facts, "int4", cache_dir=self_draft_dir(cache_dir() / "stores", facts, "int4"))
+    drafts = {f"int4, {target.dtype} head": base}
+    for name, linear in (("int8", Int8Linear), ("int4", Int4Linear)):
+        drafts[f"int4, {name} head"] = other = copy.copy(base)
+        other.lm_head = linear.quantize(target.lm_head).eval()
+    ranks = {name: [] for name in drafts}
+    prompts = load_prompts(None, args.n)
+    for prompt in prompts:
+        ids = pipeline.encode_chat([{"role": "user", "content": prompt}])
+        sequence = greedy_continuation(target, ids, args.tokens)
+        for name, draft in drafts.items():
+            ranks[name] += agreement(draft, sequence, len(ids))
+    prefix = pipeline.encode_chat([{"role": "user", "content": prompts[0]}])[:200]
+    print(f"{len(next(iter(ranks.values())))} positions")
+    print("draft                       top-1  top-2  top-4   step ms at width 1 / 8 / 32")
+    for name, draft in drafts.items():
+        shares = [sum(r < k for r in ranks[name]) / len(ranks[name]) for k in (1, 2, 4)]
+        steps = [1e3 * step_seconds(draft, prefix, width) for width in (1, 8, 32)]
+        print(f"{name:26}  " + "  ".join(f"{s:.3f}" for s in shares) + "   " + " / ".join(f"{s:.0f}" for s in steps))
+
+
+if __name__ == "__main__":
+    main()
