@@ -21,7 +21,8 @@ MT_BENCH = Path(__file__).resolve().parents[1] / "specchat" / "data" / "mt_bench
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_pipeline(RunConfig(model="demo", dtype="float32"), progress=lambda message: None)  # the exact float32 path
+    config = RunConfig(model="demo", draft="demo-0.5b", dtype="float32")  # the pair, on the exact float32 path
+    return load_pipeline(config, progress=lambda message: None)
 
 
 def first_turns(n: int) -> list[str]:
@@ -34,8 +35,11 @@ def reply_ids(pipeline, prompt_ids, **config) -> tuple[int, ...]:
     return events[-1].token_ids, events[-1].stats
 
 
-def test_demo_pair_shares_a_tokenizer_and_was_auto_paired(demo):
+def test_demo_pair_shares_a_tokenizer_and_is_paired_in_the_registry(demo):
+    from specchat.sources.registry import load_registry
+
     assert demo.target_name == "demo-1.5b" and demo.draft_name == "demo-0.5b"
+    assert "demo-0.5b" in load_registry()["demo-1.5b"].drafts
     assert demo.target.tokenizer.get_vocab() == demo.draft.tokenizer.get_vocab()
 
 
@@ -51,7 +55,7 @@ def test_greedy_specexec_equals_plain_greedy_on_mt_bench(demo, question):
 def test_cli_answers_a_piped_prompt_on_the_demo_pair():
     specchat = Path(sys.executable).with_name("specchat")
     result = subprocess.run(
-        [str(specchat), "run", "--model", "demo", "--max-new-tokens", "16"],
+        [str(specchat), "run", "--model", "demo", "--draft", "demo-0.5b", "--max-new-tokens", "16"],
         input="Write a haiku about the sea", capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr
