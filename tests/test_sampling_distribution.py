@@ -16,6 +16,7 @@ from specchat.engine.config import GenerationConfig
 from specchat.engine.engine import Engine
 from specchat.model.lm import causal_visibility
 from specchat.speculation.sampling import SamplingParams, probabilities
+from specchat.speculation.speculator import SPECULATORS, SpecExec
 
 from tiny import CharTokenizer, tiny_hf, tiny_lm
 
@@ -68,11 +69,12 @@ def self_drafted(tmp_path):
     return target, build_self_draft(target, read_facts(tmp_path / "target"), "int4")
 
 
-@pytest.mark.parametrize("method", ["specexec", "specinfer"])
+@pytest.mark.parametrize("method", ["specexec", "specexec-uncoupled", "specinfer"])
 @pytest.mark.parametrize(
     "temperature, top_p, drafted_by", [(1.0, 1.0, "random"), (0.7, 0.9, "random"), (0.7, 0.9, "self:int4")]
 )
 def test_first_two_tokens_follow_the_target_distribution(method, temperature, top_p, drafted_by, tmp_path):
+    """SpecExec draws by the request's shared noise (speculation/coupling.py) unless uncoupled."""
     if drafted_by == "random":
         target = tiny_lm(0, vocab=VOCAB, layers=1)
         draft = tiny_lm(1, vocab=VOCAB, layers=1)
@@ -80,7 +82,9 @@ def test_first_two_tokens_follow_the_target_distribution(method, temperature, to
             target.lm_head.weight.mul_(0.25)
     else:
         target, draft = self_drafted(tmp_path)
-    engine = Engine(target, draft, CharTokenizer(), [])
+    speculators = {"specexec": SpecExec(coupled=False)} if method == "specexec-uncoupled" else SPECULATORS
+    engine = Engine(target, draft, CharTokenizer(), [], speculators=speculators)
+    method = method.removesuffix("-uncoupled")
     config = GenerationConfig(method=method, budget=6, draft_batch=3, max_new_tokens=2,
                               temperature=temperature, top_p=top_p, seed=1234)
     counts = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)

@@ -41,7 +41,8 @@ from specchat.model.kvcache import SharedPrefixCache
 from specchat.speculation.agreement import GreedyAgreement
 from specchat.speculation.growth import Growth, GrowthParams
 from specchat.speculation.lookahead import Ahead, Lookahead
-from specchat.speculation.sampling import SamplingParams, probabilities, sample
+from specchat.speculation.coupling import GumbelNoise, sample_coupled
+from specchat.speculation.sampling import SamplingParams
 from specchat.speculation.speculator import SPECULATORS, Speculator, speculator_for
 from specchat.speculation.tree import Tree
 from specchat.speculation.verify import target_tree_logits
@@ -85,6 +86,8 @@ class Engine:
         # greedy SpecExec trees are scored by how often the target took the draft's favourite
         # (agreement_prior: the rate assumed before any pass is measured; None: the draft's q1)
         self.agreement = GreedyAgreement(agreement_prior) if greedy_agreement else None
+        # the same for sampled SpecExec's favourites, the draft's guesses by the shared noise
+        self.coupled_agreement = GreedyAgreement(agreement_prior) if greedy_agreement else None
         # SpecExec's next tree grown during the target's pass (lookahead.py); the one it began, while valid
         self.lookahead = lookahead if draft is not None else None
         self._ahead: Ahead | None = None
@@ -101,17 +104,18 @@ class Engine:
         tuner = self.tuner_for(config) if config.auto_budget and config.method != "ar" else None
         start_time, start_bytes = self.clock(), disk_read_bytes()
         generator = torch.Generator().manual_seed(config.seed if config.seed is not None else random.getrandbits(63))
+        tally = Tally(speculator_for(config.method, self.speculators) if config.method != "ar" else None)
+        noise = self._noise(config, tally.speculator, generator)
         try:
             prefill_tokens = yield from self._sync(list(prompt_ids))
             prefill_s = self.clock() - start_time
             decode_start_bytes = disk_read_bytes()
             max_new = min(config.max_new_tokens, self.target.max_context - len(self.tokens) - config.max_depth - 1)
             stream = TextStream(self.tokenizer, config.stop)
-            tally = Tally(speculator_for(config.method, self.speculators) if config.method != "ar" else None)
             pass_config = config  # with --budget auto, each pass's own budget
             while len(tally.new_ids) < max_new:
                 pass_config = replace(config, budget=tuner.current) if tuner else config
-                event, done = self._decode_step(pass_config, generator, tuner, stream, tally, max_new)
+                event, done = self._decode_step(pass_config, generator, noise, tuner, stream, tally, max_new)
                 yield event
                 if done:
                     break
@@ -125,6 +129,13 @@ class Engine:
         finally:
             self._ahead = None  # the next request continues another conversation
             self._repair()
+
+    def _noise(self, config: GenerationConfig, speculator: Speculator | None, generator: torch.Generator) -> GumbelNoise | None:
+        """A sampled request's shared noise (speculation/coupling.py), where plain decoding or a coupled
+        method draws by it; its seed is the generator's first draw."""
+        if config.sampling.greedy or (speculator is not None and not speculator.coupled):
+            return None
+        return GumbelNoise.drawn_from(generator, self.target.vocab_size)
 
     def tuner_for(self, config: GenerationConfig) -> CostModelTuner:
         """The ``--budget auto`` tuner of this method and sampling mode (calibrating first if nobody has)."""
@@ -150,14 +161,15 @@ class Engine:
 
     # -- one target pass -------------------------------------------------------------
     def _decode_step(
-        self, config: GenerationConfig, generator: torch.Generator, tuner: CostModelTuner | None,
-        stream: TextStream, tally: Tally, max_new: int,
+        self, config: GenerationConfig, generator: torch.Generator, noise: GumbelNoise | None,
+        tuner: CostModelTuner | None, stream: TextStream, tally: Tally, max_new: int,
     ) -> tuple[TextEvent, bool]:
-        """One pass, committed: (its event, whether the reply is complete)."""
+        """One pass, committed: (its event, whether the reply is complete); a sampled request draws
+        by ``noise`` (speculation/coupling.py) where its method is coupled, and plain decoding always does."""
         if tally.speculator is None:
-            drawn, tree_size, draft_s, target_s, ran_out = self._plain_pass(config.sampling, generator)
+            drawn, tree_size, draft_s, target_s, ran_out = self._plain_pass(config.sampling, noise)
         else:
-            drawn, tree_size, draft_s, target_s, ran_out = self._tree_pass(tally.speculator, config, generator, tally)
+            drawn, tree_size, draft_s, target_s, ran_out = self._tree_pass(tally.speculator, config, generator, noise, tally)
         if tuner:
             tuner.observe(config.budget, len(drawn), draft_s, target_s, ran_out)
         tally.add_pass(tree_size, draft_s, target_s)
@@ -175,14 +187,16 @@ class Engine:
         return TextEvent(text, tuple(drawn), len(drawn) - 1, tree_size, draft_s, target_s), done
 
     def _tree_pass(
-        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, tally: Tally
+        self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, noise: GumbelNoise | None,
+        tally: Tally,
     ) -> PassResult:
         """Grow, verify, walk; prunes both caches."""
         sampling = config.sampling
         started = self.clock()
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
         growth = self.costs.growth(config.growth, config.auto_width) if config.adaptive else config.growth
-        growth = replace(growth, agreement=self.agreement if sampling.greedy else None)
+        agreement = self.agreement if sampling.greedy else self.coupled_agreement if noise is not None else None
+        growth = replace(growth, agreement=agreement, noise=noise)
         grown = self._grow(speculator, growth, sampling, generator, tally)
         tree, self.last_draft_forwards = grown.tree, grown.draft_forwards
         draft_s = self.clock() - started
@@ -196,7 +210,7 @@ class Engine:
             logits = target_tree_logits(self.target, self.target_cache, tree)  # (N, V)
         finally:
             ahead = self.lookahead.finish(bet) if bet is not None else None  # stopped at its next draft layer
-        accepted, drawn = speculator.walk(tree, logits, sampling, generator)
+        accepted, drawn = speculator.walk(tree, logits, sampling, generator, noise, len(self.tokens))
         path = [0] + accepted
         # Keep the root and accepted nodes: slots prefix + node index.
         self.target_cache.keep(prefix, prefix + torch.tensor(path))
@@ -209,7 +223,7 @@ class Engine:
         target_s = self.clock() - started
         self.costs.observe_target(config.budget, target_s)
         if growth.agreement is not None:
-            self._observe_agreement(tree, path, new)
+            self._observe_agreement(growth.agreement, tree, path, new)
         ran_out = not bool((tree.parents == path[-1]).any())  # the accepted path ended at a leaf
         return PassResult(new, tree.size - 1, draft_s, target_s, ran_out)
 
@@ -230,21 +244,22 @@ class Engine:
             return speculator.resume(self.draft, self.draft_cache, ahead.builder, growth, sampling, ahead.spent_s)
         return speculator.grow(self.draft, self.draft_cache, self.tokens, growth, sampling, generator)
 
-    def _observe_agreement(self, tree: Tree, path: list[int], chosen: list[int]) -> None:
+    @staticmethod
+    def _observe_agreement(agreement: GreedyAgreement, tree: Tree, path: list[int], chosen: list[int]) -> None:
         """After each node of the accepted path the target chose ``chosen[i]``: was it the draft's favourite?"""
         for node, token in zip(path, chosen):
             favourite = int(tree.favourites[node])
             if favourite >= 0:
-                self.agreement.observe(float(tree.favourite_probs[node]), favourite == token)
+                agreement.observe(float(tree.favourite_probs[node]), favourite == token)
 
-    def _plain_pass(self, sampling: SamplingParams, generator: torch.Generator) -> PassResult:
+    def _plain_pass(self, sampling: SamplingParams, noise: GumbelNoise | None) -> PassResult:
         """Autoregressive decoding: one target forward over the root, one token."""
         started = self.clock()
         root = torch.tensor(self.tokens[-1:])
         position = torch.tensor([len(self.tokens) - 1])
         visible = causal_visibility(self.target_cache.length, 1)
         logits = self.target.forward(root, position, visible, self.target_cache)  # (1, V)
-        token = int(logits[0].argmax()) if sampling.greedy else sample(probabilities(logits, sampling)[0], generator)
+        token = int(logits[0].argmax()) if noise is None else sample_coupled(logits, sampling, noise, len(self.tokens))
         return PassResult([token], 0, 0.0, self.clock() - started, False)
 
     # -- bookkeeping --------------------------------------------------------------------

@@ -29,7 +29,8 @@ import torch
 from specchat.model.kvcache import KVCache
 from specchat.model.lm import LanguageModel
 from specchat.speculation.agreement import GreedyAgreement
-from specchat.speculation.sampling import SamplingParams, draft_top_log_scores, probabilities
+from specchat.speculation.coupling import GumbelNoise
+from specchat.speculation.sampling import GREEDY, SamplingParams, draft_top_log_scores, probabilities
 from specchat.speculation.tree import Tree, TreeBuilder
 
 
@@ -48,6 +49,9 @@ class GrowthParams:
     # Greedy SpecExec: score children by how often the target has taken the draft's favourite
     # (:class:`GreedyAgreement`) instead of by the draft's probabilities.
     agreement: GreedyAgreement | None = None
+    # Sampled SpecExec: rank children by the draft's logits perturbed with the request's shared
+    # noise, as greedy growth ranks plain logits (speculation/coupling.py).
+    noise: GumbelNoise | None = None
 
     def step_pays_off(self, frontier_mass: float, expected_tokens: float, draft_spent_s: float, step_s: float | None) -> bool:
         """Is one more draft step worth its time?
@@ -169,6 +173,9 @@ def _child_scores(
     builder: TreeBuilder, nodes: list[int], logits: torch.Tensor, sampling: SamplingParams, growth: GrowthParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best ``budget`` children of each expanded node: (log-scores (B, K), tokens (B, K))."""
+    if growth.noise is not None and not sampling.greedy:
+        indices = [builder.prefix_len + builder.depths[n] + 1 for n in nodes]  # each child's index in the conversation
+        logits, sampling = growth.noise.draft_logits(logits, indices, sampling), GREEDY  # (B, V) log q + g
     log_probs, tokens = draft_top_log_scores(logits, sampling, growth.budget)
     builder.note_favourites(nodes, log_probs, tokens)
     if growth.agreement is not None:

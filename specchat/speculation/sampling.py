@@ -28,6 +28,8 @@ class SamplingParams:
         return self.temperature == 0
 
 
+GREEDY = SamplingParams()
+
 NUCLEUS_SEARCH = 64  # candidates ranked first; widened x4 while some row's nucleus is longer
 
 

@@ -11,6 +11,7 @@ import torch
 
 from specchat.model.kvcache import KVCache
 from specchat.model.lm import LanguageModel
+from specchat.speculation.coupling import GumbelNoise, sample_coupled
 from specchat.speculation.sampling import SamplingParams, probabilities, sample
 from specchat.speculation.tree import Tree
 
@@ -29,21 +30,27 @@ def target_tree_logits(target: LanguageModel, cache: KVCache, tree: Tree) -> tor
 
 
 def walk_specexec(
-    tree: Tree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+    tree: Tree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None,
+    noise: GumbelNoise | None = None, first_index: int = 0,
 ) -> tuple[list[int], int]:
     """SpecExec verification (arXiv 2406.02532, Sec. 3.2).
 
     At each visited node draw x ~ p_target(. | path) (argmax when greedy); if
     some child holds x, move there, else stop.  The result is an ancestral
     sample from the target, so the output distribution is exactly the target's.
+    With ``noise`` the draw at a node of depth d is argmax log p + g_i, i = ``first_index`` + d
+    (the conversation index of the token it draws; speculation/coupling.py), else from ``generator``.
     """
     children = tree.children()
     tokens = tree.tokens.tolist()
     greedy_choice = logits.argmax(-1).tolist() if sampling.greedy else None
+    depths = tree.depths.tolist()
     node, accepted = 0, []
     while True:
         if greedy_choice is not None:
             drawn = greedy_choice[node]
+        elif noise is not None:
+            drawn = sample_coupled(logits[node : node + 1], sampling, noise, first_index + depths[node])
         else:
             drawn = sample(probabilities(logits[node : node + 1], sampling)[0], generator)
         child = next((c for c in children[node] if tokens[c] == drawn), None)
