@@ -8,15 +8,19 @@ Runs AR once per prompt, then SpecExec with each draft at each budget (greedy un
 ``--temperature``), each from empty caches; `--draft-batch auto` on each engine's own measured
 calibration.  ``--lookahead auto`` grows the next tree while the target verifies where the loader
 would (the self draft beside a streamed target); ``both`` runs each draft with and without it
-(rows marked ``+la``).  ``--sibling-budgets`` gives the sibling budgets of its own.  Prints one
-table; every run is appended to ``--log`` as JSON.
+(rows marked ``+la``).  ``--coupling both`` runs sampled SpecExec by the shared noise and, in rows
+marked ``uncoupled``, by draws from the generator.  ``--sibling-budgets`` gives the sibling budgets
+of its own.  ``--first`` starts at a later prompt (a run continuing another); ``--summarise`` prints
+the table of ``--log`` files instead.  Prints one table; every run is appended to ``--log`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from specchat import RunConfig
@@ -26,6 +30,7 @@ from specchat.bench.sweep import BenchConfig, Row, load_prompts, run_bench
 from specchat.engine.autobudget.costmodel import PRIOR_BETA
 from specchat.engine.autobudget.costs import PassCosts
 from specchat.engine.engine import Engine
+from specchat.engine.events import GenerationStats
 from specchat.sources.facts import read_facts
 from specchat.model.loading import load_int8
 from specchat.model.selfdraft import build_self_draft, self_draft_dir, self_draft_kind
@@ -34,6 +39,7 @@ from specchat.sources.registry import load_registry
 from specchat.sources.resolve import materialize, parse_model_spec
 from specchat.speculation.agreement import SELF_DRAFT_RATE
 from specchat.speculation.lookahead import Lookahead
+from specchat.speculation.speculator import SPECULATORS, SpecExec
 
 
 class Pipeline:
@@ -67,12 +73,14 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
         print(f"{name}: calibrated in {time.perf_counter() - started:.0f} s", flush=True)
         is_self = name.startswith("self:")
         settings = args.lookahead or ((is_self and loaded.engine.lookahead is not None),)
-        for lookahead in settings:
+        for lookahead, coupled in itertools.product(settings, args.coupling):
             costs = PassCosts(calibration, largest_budget=loaded.engine.costs.largest_budget,
                               prior_beta=loaded.engine.costs.prior_beta if is_self else PRIOR_BETA)
             engine = Engine(target, draft, tokenizer, eos, costs=costs, lookahead=Lookahead() if lookahead else None,
-                            agreement_prior=SELF_DRAFT_RATE if is_self else None)
-            out[name + (" +la" if lookahead and len(args.lookahead) > 1 else "")] = Pipeline(engine, loaded.encode_chat)
+                            agreement_prior=SELF_DRAFT_RATE if is_self else None,
+                            speculators={**SPECULATORS, "specexec": SpecExec(coupled=coupled)})
+            label = name + (" +la" if lookahead and len(args.lookahead) > 1 else "") + ("" if coupled else " uncoupled")
+            out[label] = Pipeline(engine, loaded.encode_chat)
     return out, loaded
 
 
@@ -102,6 +110,8 @@ def parse_budgets(text: str) -> tuple[int | None, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--first", type=int, default=0, help="index of the first MT-Bench prompt (a run continuing another)")
+    parser.add_argument("--summarise", type=Path, nargs="+", help="print the table of these --log files' runs instead of running")
     parser.add_argument("--offload", default="ssd")
     parser.add_argument("--ram-budget", default="770MB")
     parser.add_argument("--quant", default="16bit", help="the target's weights: 16bit or 4bit (NF4)")
@@ -114,19 +124,25 @@ def main() -> None:
     parser.add_argument("--lookahead", default="auto", choices=("auto", "on", "off", "both"),
                         help="grow the next tree while the target verifies (auto: as the loader decides; "
                              "both: each draft each way, interleaved)")
+    parser.add_argument("--coupling", default="on", choices=("on", "off", "both"),
+                        help="sampled SpecExec by shared noise (speculation/coupling.py), drawing from a generator, or both")
     parser.add_argument("--disk-gbps", type=float, default=0.0, help="emulate a disk reading at most this many GB/s (0: as is)")
     parser.add_argument("--log", type=Path)
     parser.add_argument("--sibling-budgets", default="", help="the sibling's budgets (default: --budgets)")
     args = parser.parse_args()
+    if args.summarise:
+        print_table(rows_from_logs(args.summarise), args.sibling)
+        return
     args.lookahead = {"auto": (), "on": (True,), "off": (False,), "both": (False, True)}[args.lookahead]
+    args.coupling = {"on": (True,), "off": (False,), "both": (True, False)}[args.coupling]
     pipelines, loaded = engines(args)
-    prompts = load_prompts(None, args.n)
+    prompts = load_prompts(None, args.first + args.n)
     budgets = parse_budgets(args.budgets)
     sibling_budgets = parse_budgets(args.sibling_budgets or args.budgets)
     base = loaded.config.generation()
     rows: dict[tuple[str, str, int], Row] = {}
     log = args.log.open("a") if args.log else None
-    for index in range(len(prompts)):
+    for index in range(args.first, len(prompts)):
         skip = frozenset(i for i in range(len(prompts)) if i != index)
         for name, pipeline in pipelines.items():
             methods = ("ar", "specexec") if name == next(iter(pipelines)) else ("specexec",)
@@ -141,8 +157,27 @@ def main() -> None:
                                           "stats": stats.to_dict()}) + "\n")
                     log.flush()
         print(f"prompt {index + 1}/{len(prompts)} done", flush=True)
+    print_table(rows, args.sibling)
+
+
+def rows_from_logs(paths: list[Path]) -> dict[tuple[str, str, int | None], Row]:
+    """The rows of one or more ``--log`` files (runs continuing each other with ``--first``)."""
+    names = {f.name for f in fields(GenerationStats)}
+    rows: dict[tuple[str, str, int | None], Row] = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            stats = GenerationStats(**{k: v for k, v in record["stats"].items() if k in names})
+            key = (record["draft"], record["method"], record["budget"])
+            rows.setdefault(key, Row(record["method"], record["budget"], 0.0)).runs.append(stats)
+    return rows
+
+
+def print_table(rows: dict[tuple[str, str, int | None], Row], sibling: str) -> None:
     ar = rows[("-", "ar", 0)].tokens_per_s
-    sibling_best = max((r.tokens_per_s for (draft, _, _), r in rows.items() if args.sibling and draft.startswith(args.sibling)), default=ar)
+    sibling_best = max((r.tokens_per_s for (draft, _, _), r in rows.items() if sibling and draft.startswith(sibling)), default=ar)
+    prompts = len(rows[("-", "ar", 0)].runs)
+    print(f"{prompts} prompts")
     print(f"{'draft':16} {'budget':>6} {'tok/pass':>8} {'tok/s':>6} {'vs AR':>6} {'vs best sibling':>15} {'target s/pass':>13} {'draft s/pass':>12}")
     for (draft, method, budget), row in rows.items():
         print(f"{draft:16} {budget_label(budget):>6} {row.tokens_per_pass:8.2f} {row.tokens_per_s:6.2f} {row.tokens_per_s / ar:5.2f}x "
