@@ -88,17 +88,20 @@ class RecordingTuner(CostModelTuner):
 
     def __init__(self, budget: int) -> None:
         super().__init__(Calibration({1: 1.0, 16: 1.0}, {"specexec": {1: 0.1, 16: 0.4}}), "specexec", 32, initial=budget)
-        self.budget, self.reports = budget, []
+        self.budget, self.reports, self.withins = budget, [], []
 
-    def observe(self, budget, tokens, draft_s, target_s, ran_out=False):
+    def observe(self, budget, tokens, draft_s, target_s, ran_out=False, within=None):
         self.reports.append((budget, tokens, ran_out))
+        self.withins.append(within)
         self.current = self.budget
 
 
 @pytest.mark.parametrize("draft_seed, ran_out", [(0, True), (7, False)], ids=["draft = target", "random draft"])
 def test_each_pass_tells_the_tuner_whether_it_ran_out_of_tree(draft_seed, ran_out):
     """K=2, greedy: with the target as its own draft every pass takes a leaf (the favourite child, or
-    the chain of two); a random draft's children are refused at the root, which has children."""
+    the chain of two); a random draft's children are refused at the root, which has children.
+    Each pass also says what budget 1 would have given: the best node alone, which the target takes
+    when the draft is the target (2 tokens) and refuses when it is random (1)."""
     target = LayeredLM(tiny_hf(0, dtype=torch.float32))
     tuner = RecordingTuner(2)
     costs = PassCosts(Calibration({1: 1.0, 16: 1.0}, {"specexec": {1: 0.1, 16: 0.4}}))
@@ -107,7 +110,9 @@ def test_each_pass_tells_the_tuner_whether_it_ran_out_of_tree(draft_seed, ran_ou
     list(engine.generate([1, 2, 3], GenerationConfig(budget=None, max_new_tokens=24)))
     ends = [r[2] for r in tuner.reports]
     assert len(ends) >= 6 and all(budget == 2 for budget, _, _ in tuner.reports)
+    assert all(set(within) == {1} and 1 <= within[1] <= tokens for within, (_, tokens, _) in zip(tuner.withins, tuner.reports))
     if ran_out:
-        assert all(ends)
+        assert all(ends) and all(within[1] == 2 for within in tuner.withins)
     else:
         assert sum(ends) <= len(ends) // 4, tuner.reports
+        assert sum(within[1] == 1 for within in tuner.withins) >= 3 * len(ends) // 4

@@ -213,3 +213,21 @@ def test_a_growth_stopped_inside_a_forward_undoes_that_step_and_keeps_the_tree_g
     expanded = int((grown.tree.draft_slots >= 0).sum())
     assert cache.length == len(COMMITTED) - 1 + expanded and len(set(cache._lengths)) == 1
     assert 1 <= expanded <= 1 + 2 * 2 and all(int(p) < i for i, p in enumerate(grown.tree.parents.tolist()) if i)
+
+
+@pytest.mark.parametrize("small", [1, 3, 8, 16])
+def test_tokens_within_a_smaller_budget_are_those_its_own_tree_would_have_given(small):
+    """A pass at K reports, for a smaller budget b, the tokens had the tree been its b best nodes:
+    for every path of the big tree, 1 + the length of its prefix that budget b's own tree holds."""
+    tree, *_ = grow("specexec", 40, SamplingParams(0.0))
+    smaller, *_ = grow("specexec", small, SamplingParams(0.0))
+    held = {tuple(path(smaller, i)) for i in range(smaller.size)}
+    for node in range(1, tree.size):
+        nodes = []
+        while node > 0:
+            nodes.append(node)
+            node = int(tree.parents[node])
+        nodes.reverse()
+        tokens = [int(tree.tokens[n]) for n in nodes]
+        prefix = max(d for d in range(len(tokens) + 1) if tuple(tokens[:d]) in held)
+        assert tree.tokens_within(nodes, (small, 40)) == {small: 1 + prefix, 40: 1 + len(nodes)}

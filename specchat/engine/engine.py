@@ -55,6 +55,7 @@ class PassResult(NamedTuple):
     draft_s: float
     target_s: float
     ran_out: bool  # the accepted path ended at a leaf: a bigger tree could have given more
+    within: dict[int, int]  # smaller budget -> tokens had the tree been its best that many nodes
 
 
 PREFILL_CHUNK = 512  # prompt tokens per layer call in a prefill, to bound activation memory
@@ -167,11 +168,12 @@ class Engine:
         """One pass, committed: (its event, whether the reply is complete); a sampled request draws
         by ``noise`` (speculation/coupling.py) where its method is coupled, and plain decoding always does."""
         if tally.speculator is None:
-            drawn, tree_size, draft_s, target_s, ran_out = self._plain_pass(config.sampling, noise)
+            drawn, tree_size, draft_s, target_s, ran_out, within = self._plain_pass(config.sampling, noise)
         else:
-            drawn, tree_size, draft_s, target_s, ran_out = self._tree_pass(tally.speculator, config, generator, noise, tally)
+            drawn, tree_size, draft_s, target_s, ran_out, within = self._tree_pass(
+                tally.speculator, config, generator, noise, tally, smaller=tuner.candidates_below(config.budget) if tuner else ())
         if tuner:
-            tuner.observe(config.budget, len(drawn), draft_s, target_s, ran_out)
+            tuner.observe(config.budget, len(drawn), draft_s, target_s, ran_out, within)
         tally.add_pass(tree_size, draft_s, target_s)
         drawn, tally.finish = self._trim(drawn, max_new - len(tally.new_ids))
         self._commit(drawn)
@@ -188,9 +190,10 @@ class Engine:
 
     def _tree_pass(
         self, speculator: Speculator, config: GenerationConfig, generator: torch.Generator, noise: GumbelNoise | None,
-        tally: Tally,
+        tally: Tally, smaller: tuple[int, ...] = (),
     ) -> PassResult:
-        """Grow, verify, walk; prunes both caches."""
+        """Grow, verify, walk; prunes both caches.  ``smaller``: the budgets below this one whose
+        tokens the pass reports (for ``--budget auto``, :meth:`Tree.tokens_within`)."""
         sampling = config.sampling
         started = self.clock()
         self.target.prefetch()  # a streamed target reads its first layers while the draft works
@@ -225,7 +228,7 @@ class Engine:
         if growth.agreement is not None:
             self._observe_agreement(growth.agreement, tree, path, new)
         ran_out = not bool((tree.parents == path[-1]).any())  # the accepted path ended at a leaf
-        return PassResult(new, tree.size - 1, draft_s, target_s, ran_out)
+        return PassResult(new, tree.size - 1, draft_s, target_s, ran_out, tree.tokens_within(accepted, smaller))
 
     def _bet(self, speculator: Speculator, tree: Tree, growth: GrowthParams, sampling: SamplingParams):
         """Start the lookahead on ``tree`` (speculation/lookahead.py), where this engine and method have one."""
@@ -260,7 +263,7 @@ class Engine:
         visible = causal_visibility(self.target_cache.length, 1)
         logits = self.target.forward(root, position, visible, self.target_cache)  # (1, V)
         token = int(logits[0].argmax()) if noise is None else sample_coupled(logits, sampling, noise, len(self.tokens))
-        return PassResult([token], 0, 0.0, self.clock() - started, False)
+        return PassResult([token], 0, 0.0, self.clock() - started, False, {})
 
     # -- bookkeeping --------------------------------------------------------------------
     def _trim(self, drawn: list[int], room: int) -> tuple[list[int], str]:

@@ -65,6 +65,18 @@ class Tree:
                 kids[parent].append(child)
         return kids
 
+    def tokens_within(self, accepted: list[int], budgets: tuple[int, ...]) -> dict[int, int]:
+        """Tokens the pass would have committed, per budget b, had the tree been only its b best nodes.
+
+        SpecExec's tree is the ``budget`` best-scored nodes, ancestor-closed (a child never scores
+        above its parent, ties go to the smaller index), so its b best nodes are the tree that
+        budget b grows.  Along the accepted path ranks increase, so the path's nodes of rank < b
+        are its first ones: the target would have taken those and then drawn one token itself.
+        """
+        order = sorted(range(1, self.size), key=lambda node: (-float(self.scores[node]), node))
+        rank = {node: i for i, node in enumerate(order)}
+        return {b: 1 + sum(rank[node] < b for node in accepted) for b in budgets}
+
 
 class TreeBuilder:
     """Grows a tree with the draft, reusing the draft's KV for every consumed node.

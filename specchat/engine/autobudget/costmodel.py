@@ -13,39 +13,39 @@ pass verifies the whole tree, so a pass yields E[tokens | K] tokens):
   stream; on a resident CPU target it grows with K from the start.
 * Online, each pass's measured times rescale T and D (a running ratio of measured
   to calibrated), so a busier machine moves the choice.
-* E[tokens | K] follows the paper's observation that accepted tokens grow about
-  with log K:  E(K) = 1 + beta * log2(1 + K), capped at min(K, max_depth) + 1.  beta starts
-  at a prior and is re-estimated from every pass of the session (running mean of
-  (tokens - 1) / log2(1 + K_used)); where passes at a K have been measured, their
-  mean tokens replace the curve, so a budget whose acceptance saturated is judged
-  by what it really gave.
+* E[tokens | K] is judged on the same passes for every K.  Each pass at budget K reports,
+  besides its own tokens, what each smaller budget b would have given: SpecExec's tree is the
+  K best-scored nodes and its b best ones are the tree budget b grows, so the target's path
+  through them is known (``Tree.tokens_within``; SpecInfer samples its tree, and there the b
+  best-scored nodes stand in for a smaller sample).  E(K) is the mean over the latest
+  :data:`POOL` passes, whatever their budget, of what each gave or would have given at K;
+  comparing budgets on the same passes keeps a hard stretch of one prompt from ruling out
+  the budget it happened to run at.  For a K above a pass's own budget K_i the pass is
+  extrapolated:
+    - where the target refused a child inside the tree, a bigger tree holds more siblings:
+      + g * log2((1 + K) / (1 + K_i)), g the mean last-doubling gain (tokens at K_i less those
+      at K_i / 2) of the pool's passes that did not run out;
+    - where the accepted path ended at a leaf ("ran out"), a bigger tree deepens it: the path
+      of a accepted nodes would reach a * (K / K_i)**gamma, gamma from the pass's own last
+      doubling (1 for a chain, as a draft made from the target grows; well under 1 for a
+      bushy tree), and the target takes each further level with chance p, the pool's
+      accepted levels over those plus its refusals:  + sum_{j=1..deeper} p**j.
+  Before any pass, E(K) = 1 + beta * log2(1 + K) (the paper's observation that accepted tokens
+  grow about with log K), capped at min(K, max_depth) + 1, beta a prior per draft kind,
+  re-estimated from each pass as a running mean of (tokens - 1) / log2(1 + K_used).
 
 The tuner picks the K among powers of two that maximises the predicted tokens/s.
-Where passes at a K have been measured, their mean seconds replace D(K) + T(K) as their
-mean tokens replace the curve: the calibration grows full trees of K nodes, while at run
-time SpecExec's adaptive stop ends a growth once another step would not pay (a sampled
-self draft at K=256 grew 50-120 nodes in 1.4-2.2 s where the calibration's 256-node tree
-took several times that), so a measured K is judged by what it cost.
-Because the model is only a model, once the chosen K has been measured the tuner also
-tries its unmeasured neighbours for a few passes each: K/2 when the model rates it
-within :data:`EXPLORE_MARGIN` of the best, 2K when it could beat K on an optimistic
-bound -- one more doubling's tokens (beta) for no more drafting than K's, over the
-calibrated target pass at 2K:  (E(K) + beta) / (D_measured(K) + T(2K)) > tokens/s (K).
-Measured means then settle the choice, so the tuner climbs while bigger trees pay.
-A pass whose accepted path ended at a leaf of its tree "ran out": the target took everything the
-tree held down that path, so a bigger tree could have given more.  How much more depends on the
-tree's shape: where K's passes took a chain of nearly all K nodes (a draft made from the target,
-whose favourite chains the target takes whole), 2K holds a chain twice as deep; a bushy tree
-(a sibling's) grows little deeper with 2K.  So K's *chain share*
-
-    c(K) = (share of K's passes that ran out) * (E(K) - 1) / K
-
-adds c(K) * (E(K) - 1) tokens to the optimistic bound for 2K where that beats beta, and, where
-c(K) >= 1/2, a measurement of 2K not renewed for :data:`WINDOW` passes is dropped, to be taken
-again: it may date from passes before the greedy agreement (speculation/agreement.py) was
-learnt, when the same budget grew bushier trees.
-Measurements of a K unused for :data:`STALE_PASSES` passes are forgotten, so no
-budget is ruled out for a whole session by a few unlucky passes.
+Where passes at a K have been measured, their mean seconds replace D(K) + T(K): the
+calibration grows full trees of K nodes, while at run time SpecExec's adaptive stop ends a
+growth once another step would not pay (a sampled self draft at K=256 grew 50-120 nodes in
+1.4-2.2 s where the calibration's 256-node tree took several times that), so a measured K
+is judged by what it cost.  Once the chosen K has been measured the tuner also tries its
+neighbours for a few passes each: K/2 when its seconds are unmeasured and the model rates it
+within :data:`EXPLORE_MARGIN` of the best; 2K when too few pooled passes held a tree that big
+and it could come within that margin with no more drafting than K's (the adaptive stop often
+ends a bigger tree's growth about where K's ended).
+Seconds measured at a K unused for :data:`STALE_PASSES` passes are forgotten, so no budget is
+ruled out for a whole session by a slow stretch.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ PRIOR_BETA = 0.6  # tokens per doubling of K; the demo pair measured 0.54-0.65 (
 SELF_DRAFT_PRIOR_BETA = 2.0
 WEIGHT = 0.25  # of a new pass in the running estimates
 MEASURED_PASSES = 3  # passes at one K before their mean replaces the curve there
-WINDOW = 12
+WINDOW = 12  # passes per budget whose seconds are averaged
+POOL = 24  # latest passes, any budget, whose tokens judge every budget
 STALE_PASSES = 96  # a K not used for this many passes is measured afresh if chosen again
 EXPLORE_MARGIN = 0.8  # try an unmeasured neighbour predicted at >= this fraction of the best
 
@@ -170,10 +171,12 @@ def save_calibration(path: Path, key: str, calibration: Calibration) -> None:
 
 @dataclass
 class _Pass:
-    tokens: int
+    budget: int
+    tokens: float
     draft_s: float
     target_s: float
     ran_out: bool = False  # the accepted path ended at a leaf of the tree
+    within: dict[int, float] = field(default_factory=dict)  # smaller budget -> tokens within its best nodes
 
 
 class CostModelTuner:
@@ -190,20 +193,70 @@ class CostModelTuner:
         self.beta = prior_beta
         self.target_ratio = 1.0  # measured / calibrated target seconds
         self.draft_ratio = 1.0
-        self._passes: dict[int, deque[_Pass]] = {}
+        self._pool: deque[_Pass] = deque(maxlen=POOL)  # the latest passes, whatever their budget
+        self._passes: dict[int, deque[_Pass]] = {}  # K -> its latest passes, for their seconds
         self._last_used: dict[int, int] = {}  # K -> the pass count when it was last observed
         self._pass_count = 0
         self.current = initial if initial is not None else self.best()
 
+    def candidates_below(self, budget: int) -> tuple[int, ...]:
+        """The budgets smaller than ``budget`` whose tokens a pass at ``budget`` should report."""
+        return tuple(k for k in self.candidates if k < budget)
+
     # -- the model ---------------------------------------------------------------------
+    def curve(self, k: int) -> float:
+        """The prior: E(K) = 1 + beta * log2(1 + K), at most min(K, max_depth) + 1 tokens."""
+        return min(1.0 + self.beta * math.log2(1 + k), min(k, self.max_depth) + 1.0)
+
+    def _last_doubling(self, run: _Pass) -> float | None:
+        """What the pass's last doubling of budget gave: its tokens less those within half its budget."""
+        half = run.within.get(run.budget // 2)
+        return None if half is None else run.tokens - half
+
+    def doubling_gain(self) -> float:
+        """g, the tokens a doubling adds to a pass that the target ended inside the tree (a refused
+        child): the mean last doubling of the pool's passes that did not run out (beta where none)."""
+        gains = [gain for run in self._pool if not run.ran_out and (gain := self._last_doubling(run)) is not None]
+        return sum(gains) / len(gains) if gains else self.beta
+
+    def continuation(self) -> float:
+        """p, the chance that the target takes one more level of a path the tree holds: the pool's
+        accepted levels over those plus its refusals (a pass that ran out was never refused)."""
+        accepted = sum(max(run.tokens - 1.0, 0.0) for run in self._pool)
+        refused = sum(not run.ran_out for run in self._pool)
+        return accepted / (accepted + refused + 1.0)
+
+    def _deeper(self, run: _Pass, k: int) -> float:
+        """Levels a tree of k nodes adds below the end of a path that ran out at depth a: the path
+        deepens as a * (k / K)**gamma, gamma from its own last doubling, a(K) = a(K/2) * 2**gamma
+        (a chain's 1: as deep again; a bushy tree's well under 1), clamped to [0, 1]."""
+        accepted, half = run.tokens - 1.0, run.within.get(run.budget // 2)
+        gamma = 1.0 if half is None or half <= 1.0 else min(max(math.log2(accepted / (half - 1.0)), 0.0), 1.0)
+        return max(min(self.max_depth, accepted * (k / run.budget) ** gamma) - accepted, 0.0)
+
+    def _tokens_at(self, run: _Pass, k: int, p: float, g: float) -> float:
+        """What ``run`` would have given at budget k (see the module's docstring)."""
+        if k == run.budget:
+            return run.tokens
+        if k < run.budget:
+            if k in run.within:
+                return run.within[k]
+            return max(1.0, min(run.tokens, run.tokens * self.curve(k) / self.curve(run.budget)))
+        if run.ran_out:  # the target takes each level further with chance p: sum of p**j, j = 1 .. deeper
+            deeper = self._deeper(run, k)
+            gained = p * (1.0 - p**deeper) / (1.0 - p) if p < 1.0 else deeper
+        else:  # a refused child: a bigger tree holds more siblings
+            gained = g * math.log2((1 + k) / (1 + run.budget))
+        return min(run.tokens + gained, min(k, self.max_depth) + 1.0)
+
     def expected_tokens(self, k: int) -> float:
-        measured = self._measured_mean(k, "tokens")
-        if measured is not None:
-            return measured
-        return min(1.0 + self.beta * math.log2(1 + k), min(k, self.max_depth) + 1.0)  # K nodes: at most K + 1 tokens
+        if not self._pool:
+            return self.curve(k)
+        p, g = self.continuation(), self.doubling_gain()
+        return sum(self._tokens_at(run, k, p, g) for run in self._pool) / len(self._pool)
 
     def _measured_mean(self, k: int, part: str) -> float | None:
-        """The mean of ``part`` ("tokens", "draft_s", "target_s") over K's passes, once measured; else None."""
+        """The mean of ``part`` ("draft_s", "target_s") over K's passes, once measured; else None."""
         if not self._measured(k):
             return None
         runs = self._passes[k]
@@ -214,62 +267,51 @@ class CostModelTuner:
             return self._measured_mean(k, "draft_s") + self._measured_mean(k, "target_s")
         return self.draft_ratio * self.calibration.draft(self.method, k) + self.target_ratio * self.calibration.target(k)
 
-    def chain_share(self, k: int) -> float:
-        """c(K): the share of K's recent passes that ran out times the share of the tree their
-        accepted paths took (0 where none were run; see the module's docstring)."""
-        runs = self._passes.get(k, ())
-        if not runs:
-            return 0.0
-        ran_out = sum(r.ran_out for r in runs) / len(runs)
-        taken = sum(r.tokens - 1.0 for r in runs) / len(runs) / k
-        return ran_out * min(taken, 1.0)
-
-    def _bigger_could_pay(self, k: int) -> bool:
-        """Could 2K beat the measured K?  Its optimistic bound: one more doubling's tokens (beta, or
-        a chain deeper by the chain share, where K's passes ran out), K's measured drafting, the
-        calibrated target pass at 2K (see the module's docstring)."""
-        draft_s, tokens = self._measured_mean(k, "draft_s"), self.expected_tokens(k)
-        gain = max(self.beta, self.chain_share(k) * (tokens - 1.0))
-        bound = (tokens + gain) / max(draft_s + self.target_ratio * self.calibration.target(2 * k), 1e-9)
-        return bound > self.throughput(k)
-
-    def _renew_bigger(self, k: int) -> None:
-        """Where K's passes took chains of most of the tree and ran out, drop 2K's measurement unless
-        it is recent (see the module's docstring), so that 2K is judged by the bound and measured again."""
-        bigger = 2 * k
-        if bigger not in self._passes or self.chain_share(k) < 0.5:
-            return
-        if self._pass_count - self._last_used[bigger] >= WINDOW:
-            del self._passes[bigger], self._last_used[bigger]
-
     def throughput(self, k: int) -> float:
         return self.expected_tokens(k) / max(self.predicted_seconds(k), 1e-9)
+
+    def _optimistic_throughput(self, bigger: int, k: int) -> float:
+        """2K's predicted tokens over its seconds with no more drafting than K's where 2K's own are
+        unmeasured: SpecExec's adaptive stop often ends a bigger tree's growth about where K's ended."""
+        draft_s = self._measured_mean(bigger, "draft_s") if self._measured(bigger) else self._measured_mean(k, "draft_s")
+        target_s = self._measured_mean(bigger, "target_s") if self._measured(bigger) else self.target_ratio * self.calibration.target(bigger)
+        return self.expected_tokens(bigger) / max(draft_s + target_s, 1e-9)
 
     def best(self) -> int:
         return max(self.candidates, key=lambda k: (self.throughput(k), -k))
 
     def _measured(self, k: int) -> bool:
+        """Has K been run often enough for its own seconds to replace the calibration's?"""
         return len(self._passes.get(k, ())) >= MEASURED_PASSES
+
+    def _tokens_measured(self, k: int) -> bool:
+        """Do enough of the pool's passes hold K's tree (a budget at least K) to know its tokens?"""
+        return sum(run.budget >= k for run in self._pool) >= MEASURED_PASSES
 
     def _choose(self) -> int:
         if not self._measured(self.current):
             return self.current  # finish measuring the budget being tried
         best = self.best()
         if self._measured(best):
-            self._renew_bigger(best)
             smaller, bigger = best // 2, best * 2
             if smaller in self.candidates and not self._measured(smaller):
                 if self.throughput(smaller) >= EXPLORE_MARGIN * self.throughput(best):
                     return smaller
-            if bigger in self.candidates and not self._measured(bigger):
-                if self.throughput(bigger) >= EXPLORE_MARGIN * self.throughput(best) or self._bigger_could_pay(best):
+            if bigger in self.candidates and not self._tokens_measured(bigger):
+                if self._optimistic_throughput(bigger, best) >= EXPLORE_MARGIN * self.throughput(best):
                     return bigger
         return best
 
     # -- learning ----------------------------------------------------------------------
-    def observe(self, budget: int, tokens: float, draft_s: float, target_s: float, ran_out: bool = False) -> None:
-        """One pass at ``budget``: its tokens, seconds, and whether its accepted path ended at a leaf."""
-        self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(_Pass(tokens, draft_s, target_s, ran_out))
+    def observe(
+        self, budget: int, tokens: float, draft_s: float, target_s: float, ran_out: bool = False,
+        within: dict[int, float] | None = None,
+    ) -> None:
+        """One pass at ``budget``: its tokens, seconds, whether its accepted path ended at a leaf, and
+        (``within``) the tokens it would have given at smaller budgets (:meth:`Tree.tokens_within`)."""
+        run = _Pass(budget, tokens, draft_s, target_s, ran_out, dict(within or {}))
+        self._pool.append(run)
+        self._passes.setdefault(budget, deque(maxlen=WINDOW)).append(run)
         self._pass_count += 1
         self._last_used[budget] = self._pass_count
         self._forget_stale()
@@ -283,11 +325,10 @@ class CostModelTuner:
         self.current = self._choose()
 
     def _forget_stale(self) -> None:
-        """Drop the measurements of budgets unused for :data:`STALE_PASSES` passes.
+        """Drop the seconds measured at budgets unused for :data:`STALE_PASSES` passes.
 
-        A few unlucky passes at a K (boilerplate just before EOS) would otherwise rule it
-        out for the whole session; forgotten, it is judged by the curve again and
-        re-measured if the curve makes it worth trying."""
+        A slow stretch at a K would otherwise rule it out for the whole session; forgotten, it
+        is judged by the calibration again and re-measured if that makes it worth trying."""
         for k in [k for k, last in self._last_used.items() if self._pass_count - last > STALE_PASSES]:
             del self._passes[k], self._last_used[k]
 
