@@ -27,7 +27,7 @@ import threading
 
 import torch
 
-from specchat.speculation.sampling import SamplingParams, probabilities, top_p_filter
+from specchat.speculation.sampling import SamplingParams, gumbel, probabilities, top_p_filter
 
 CACHED = 256  # noise vectors kept (0.6 MB each for a 152k vocabulary); evicted ones are drawn again alike
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant spreading consecutive indices over seed space
@@ -52,8 +52,7 @@ class GumbelNoise:
             noise = self._cache.get(index)
             if noise is None:
                 generator = torch.Generator().manual_seed((self.seed ^ (index * _MIX)) & (2**63 - 1))
-                uniform = torch.rand(self.vocab, dtype=torch.float64, generator=generator)
-                noise = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+                noise = gumbel((self.vocab,), generator)
                 if len(self._cache) >= CACHED:
                     del self._cache[min(self._cache)]
                 self._cache[index] = noise

@@ -30,7 +30,7 @@ from specchat.model.kvcache import KVCache
 from specchat.model.lm import LanguageModel
 from specchat.speculation.agreement import GreedyAgreement
 from specchat.speculation.coupling import GumbelNoise
-from specchat.speculation.sampling import GREEDY, SamplingParams, draft_top_log_scores, probabilities
+from specchat.speculation.sampling import GREEDY, SamplingParams, draft_top_log_scores, gumbel, probabilities
 from specchat.speculation.tree import Tree, TreeBuilder
 
 
@@ -281,8 +281,6 @@ def _draw_rows_without_replacement(
         return probs.topk(count, dim=-1)
     support = max(count, int((probs > 0).sum(dim=-1).max()))
     candidate_probs, candidate_tokens = probs.topk(support, dim=-1)  # (B, support)
-    uniform = torch.rand(candidate_probs.shape, dtype=torch.float64, generator=generator)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    keys = candidate_probs.log() + gumbel  # -inf where p = 0: drawn last, never counted
+    keys = candidate_probs.log() + gumbel(tuple(candidate_probs.shape), generator)  # -inf where p = 0: drawn last, never counted
     order = keys.topk(count, dim=-1).indices  # (B, count)
     return candidate_probs.gather(-1, order), candidate_tokens.gather(-1, order)

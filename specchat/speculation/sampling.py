@@ -119,6 +119,12 @@ def draft_top_log_scores(logits: torch.Tensor, params: SamplingParams, k: int) -
     return log_probs[:, :k].clamp_max(0.0), tokens[:, :k]
 
 
+def gumbel(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Gumbel(0, 1) noise of ``shape``, float64: -log(-log U), U uniform on (0, 1)."""
+    uniform = torch.rand(shape, dtype=torch.float64, generator=generator)
+    return -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a (V,) distribution."""
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -42,8 +42,8 @@ growth once another step would not pay (a sampled self draft at K=256 grew 50-12
 is judged by what it cost.  Once the chosen K has been measured the tuner also tries its
 neighbours for a few passes each: K/2 when its seconds are unmeasured and the model rates it
 within :data:`EXPLORE_MARGIN` of the best; 2K when too few pooled passes held a tree that big
-and it could come within that margin with no more drafting than K's (the adaptive stop often
-ends a bigger tree's growth about where K's ended).
+and the model rates it within that margin, or it would beat K with no more drafting than K's
+(the adaptive stop often ends a bigger tree's growth about where K's ended).
 Seconds measured at a K unused for :data:`STALE_PASSES` passes are forgotten, so no budget is
 ruled out for a whole session by a slow stretch.
 """
@@ -298,7 +298,8 @@ class CostModelTuner:
                 if self.throughput(smaller) >= EXPLORE_MARGIN * self.throughput(best):
                     return smaller
             if bigger in self.candidates and not self._tokens_measured(bigger):
-                if self._optimistic_throughput(bigger, best) >= EXPLORE_MARGIN * self.throughput(best):
+                rate = self.throughput(best)
+                if self.throughput(bigger) >= EXPLORE_MARGIN * rate or self._optimistic_throughput(bigger, best) > rate:
                     return bigger
         return best
 
