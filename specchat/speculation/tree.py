@@ -73,7 +73,10 @@ class Tree:
         budget b grows.  Along the accepted path ranks increase, so the path's nodes of rank < b
         are its first ones: the target would have taken those and then drawn one token itself.
         """
-        order = sorted(range(1, self.size), key=lambda node: (-float(self.scores[node]), node))
+        if not budgets:
+            return {}
+        scores = self.scores.tolist()
+        order = sorted(range(1, self.size), key=lambda node: (-scores[node], node))
         rank = {node: i for i, node in enumerate(order)}
         return {b: 1 + sum(rank[node] < b for node in accepted) for b in budgets}
 
