@@ -1,10 +1,12 @@
 """One self-draft step at widths 1 and 8 after a 300-token prefix, then torch.profiler's
 table of a width-1 step (where its milliseconds go).
 
-    .venv/bin/python benchmarks/draft_step_profile.py [self:int8|self:int4] [--float32-kernels]
+    .venv/bin/python benchmarks/draft_step_profile.py [self:int8|self:int4] [--float32-kernels] [--target-head]
 
 ``--float32-kernels``: where the target computes in float32, hand the low-bit kernels float32
-rows and scales (as specchat did before session 27) instead of bf16 ones.
+rows and scales (as specchat did before session 27) instead of bf16 ones.  ``--target-head``:
+compute the logits with the target's own head where the draft keeps an int8 copy of it
+(specchat.model.drafthead).
 """
 import sys, time, torch
 from specchat import RunConfig
@@ -14,6 +16,9 @@ config = RunConfig(model="demo", draft=sys.argv[1] if len(sys.argv) > 1 else "se
 p = load_pipeline(config, print, calibrate=False)
 draft = p.engine.draft
 slow = "--float32-kernels" in sys.argv[2:]
+if "--target-head" in sys.argv[2:]:
+    draft = p.engine.target.with_layers(draft.layer_source, draft.layer_dtype, draft.kv_source is not None)
+    print("the target's own head")
 reps = 3 if slow else 10  # steps timed per width (seconds each with float32 kernels)
 ids = list(range(100, 400)); P = len(ids)
 dcache = draft.new_cache()

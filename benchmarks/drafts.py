@@ -10,8 +10,10 @@ calibration.  ``--lookahead auto`` grows the next tree while the target verifies
 would (the self draft beside a streamed target); ``both`` runs each draft with and without it
 (rows marked ``+la``).  ``--coupling both`` runs sampled SpecExec by the shared noise and, in rows
 marked ``uncoupled``, by draws from the generator.  ``--sibling-budgets`` gives the sibling budgets
-of its own.  ``--first`` starts at a later prompt (a run continuing another); ``--summarise`` prints
-the table of ``--log`` files instead.  Prints one table; every run is appended to ``--log`` as JSON.
+of its own.  ``--target-head`` runs each self draft that keeps an int8 copy of the head
+(model/drafthead.py) once more over the target's own head (rows marked ``target-head``).  ``--first``
+starts at a later prompt (a run continuing another); ``--summarise`` prints the table of ``--log``
+files instead.  Prints one table; every run is appended to ``--log`` as JSON.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def engines(args) -> tuple[dict[str, Pipeline], object]:
         drafts.append((args.sibling, build_self_draft(target, facts, kind, print, cache_dir=where, weights=weights)))
     elif args.sibling:
         drafts.append((args.sibling, load_int8(materialize(parse_model_spec(args.sibling, load_registry()), print)).lm))
+    if args.target_head:  # each self draft again over the target's own head, where it computes with a copy
+        drafts += [(f"{name} target-head", target.with_layers(draft.layer_source, draft.layer_dtype, draft.kv_source is not None))
+                   for name, draft in drafts if name.startswith("self:") and draft.lm_head is not target.lm_head]
     out = {}
     for name, draft in drafts:
         started = time.perf_counter()
@@ -129,6 +134,8 @@ def main() -> None:
     parser.add_argument("--disk-gbps", type=float, default=0.0, help="emulate a disk reading at most this many GB/s (0: as is)")
     parser.add_argument("--log", type=Path)
     parser.add_argument("--sibling-budgets", default="", help="the sibling's budgets (default: --budgets)")
+    parser.add_argument("--target-head", action="store_true",
+                        help="also run each self draft that keeps an int8 copy of the head over the target's own head")
     args = parser.parse_args()
     if args.summarise:
         print_table(rows_from_logs(args.summarise), args.sibling)

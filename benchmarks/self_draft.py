@@ -89,7 +89,7 @@ def main() -> None:
             size = "demo-0.5b int8"
         else:
             drafts[kind] = build_self_draft(target, facts, kind)
-            size = f"{self_draft_bytes(facts, kind) / 1e9:.2f} GB of layers"
+            size = f"{self_draft_bytes(facts, kind, target.dtype) / 1e9:.2f} GB"
         print(f"{kind}: built in {time.perf_counter() - started:.1f} s ({size}); peak RSS {peak_rss_bytes() / 1e9:.2f} GB", flush=True)
     ranks = {kind: [] for kind in drafts}
     prompts = load_prompts(None, args.n)

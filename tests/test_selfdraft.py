@@ -107,7 +107,7 @@ def test_the_self_draft_shares_the_targets_embeddings_and_head_and_holds_low_bit
     assert not any(type(m) is nn.Linear for layer in layers for m in layer.modules())  # every product is low-bit
     held = sum(lowbit_bytes(layer) for layer in layers)
     assert held < facts.layer_bytes(torch.float32) * facts.num_layers / 2  # a quarter or an eighth, plus scales
-    assert self_draft_bytes(facts, kind) <= held * 1.5  # the pre-flight's estimate is of the right size
+    assert self_draft_bytes(facts, kind, target.lm.dtype) <= held * 1.5  # the pre-flight's estimate is of the right size
     assert draft.new_cache() is not target.lm.new_cache()
 
 
@@ -150,10 +150,11 @@ def test_run_with_the_self_draft_prints_the_greedy_reply(tiny_dirs, tmp_path):
     ours = runner.invoke(app, [*args, "--draft", "self:int4", "a calm tide"])
     assert plain.exit_code == 0 and ours.exit_code == 0, ours.stderr
     assert json.loads(ours.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
-    assert json.loads(ours.stdout)["stats"]["draft"] == {"name": "self:int4", "bits": 4, "bytes": self_draft_bytes(read_facts(tiny_dirs["target"]), "int4")}
+    assert json.loads(ours.stdout)["stats"]["draft"] == {"name": "self:int4", "bits": 4, "bytes": self_draft_bytes(read_facts(tiny_dirs["target"]), "int4", torch.float32)}
     assert json.loads(plain.stdout)["stats"]["draft"] is None
     assert "draft self:int4: the target's own layers in int4" in ours.stderr
     assert "building the self draft (int4): 2/2 layers" in ours.stderr
+    assert "self draft's head: the target's head" in ours.stderr  # a 64-token head is never copied
 
 
 def test_int8_linear_is_the_row_wise_rounding_of_the_weights():

@@ -78,7 +78,7 @@ def _self_draft_for_unpaired(
     """``--draft auto`` for a target models.toml pairs with no draft: its own layers in low bits
     (:func:`self_kind_for`), where they fit."""
     kind = self_kind_for(config.quant)
-    needed = int(self_draft_bytes(target, kind) * RAM_HEADROOM)
+    needed = int(self_draft_bytes(target, kind, machine.dtype) * RAM_HEADROOM)
     if machine.device.type != "cpu" or needed > room:
         why = "a self draft runs on the CPU only so far" if machine.device.type != "cpu" else (
             f"a self draft needs {needed / 1e9:.1f} GB, {max(room, 0) / 1e9:.1f} GB are left beside the target"
@@ -117,7 +117,7 @@ def _self_or_sibling(
     if machine.device.type != "cpu":
         return sibling
     kind = self_kind_for(config.quant)
-    load_bytes = self_draft_bytes(target, kind)
+    load_bytes = self_draft_bytes(target, kind, machine.dtype)
     needed = int(load_bytes * RAM_HEADROOM)
     if needed > room:
         return sibling
@@ -173,7 +173,7 @@ def _self_draft(target: ModelFacts, kind: str, machine: Machine) -> DraftChoice:
             f"--draft self runs on the CPU only so far, not on {machine.device.type}",
             "use --device cpu, or name a registered draft with --draft",
         )
-    load_bytes = self_draft_bytes(target, kind)
+    load_bytes = self_draft_bytes(target, kind, machine.dtype)
     reason = (
         f"draft self:{kind}: the target's own layers in {kind} ({load_bytes / 1e9:.2f} GB), "
         "sharing its embeddings and head; as configured"

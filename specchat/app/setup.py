@@ -142,7 +142,7 @@ def _fetch_draft(
     if kind is None and not candidates and device.type == "cpu":
         kind = self_kind_for(settings.quant)
     if kind is not None:
-        return f"self:{kind}", self_draft_bytes(target, kind)  # built (and kept) by the load below
+        return f"self:{kind}", self_draft_bytes(target, kind, dtype)  # built (and kept) by the load below
     if not candidates:
         return None, 0
     draft_ref = parse_model_spec(candidates[0], registry)

@@ -131,13 +131,16 @@ class LayeredLM:
         self.kv_source: LayeredLM | None = None  # a model whose cached keys/values this one can attend to
         self.device = self.embed_tokens.weight.device
 
-    def with_layers(self, layer_source: LayerSource, layer_dtype: torch.dtype, shares_cache: bool = False) -> LayeredLM:
+    def with_layers(
+        self, layer_source: LayerSource, layer_dtype: torch.dtype, shares_cache: bool = False, lm_head: nn.Module | None = None,
+    ) -> LayeredLM:
         """Another model over the same embeddings, rotary table, final norm and head (shared, not
-        copied) with other decoder layers, whose hidden states are in ``layer_dtype``; with
-        ``shares_cache`` it attends to this model's cached keys and values for the committed
-        prefix (:class:`~specchat.model.kvcache.SharedPrefixCache`)."""
+        copied; or ``lm_head`` for the head) with other decoder layers, whose hidden states are in
+        ``layer_dtype``; with ``shares_cache`` it attends to this model's cached keys and values for
+        the committed prefix (:class:`~specchat.model.kvcache.SharedPrefixCache`)."""
         other = copy.copy(self)
         other.layer_source, other.layer_dtype = layer_source, layer_dtype
+        other.lm_head = lm_head if lm_head is not None else self.lm_head
         other.kv_source = self if shares_cache else None
         return other
 

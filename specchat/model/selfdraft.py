@@ -1,7 +1,9 @@
 """A draft made from the target itself (``--draft self``, ``self:int8``, ``self:int4``).
 
 The draft is the target's own architecture: it calls the target's embedding table, rotary
-table, final norm and LM head (the same tensors, no second copy) and runs a low-bit resident
+table, final norm and LM head (the same tensors, no second copy; a float32 head may gain an int8
+copy for the draft's narrow steps, where that is measured faster: :mod:`specchat.model.drafthead`)
+and runs a low-bit resident
 copy of the target's decoder layers (:mod:`specchat.weights.lowbit`), built from the
 checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.  For a
 4-bit (NF4) target the copy rounds the weights as the NF4 store holds them, the model that
@@ -22,6 +24,7 @@ from torch import nn
 
 from specchat.common.errors import CorruptModel, ResourceError, reason
 from specchat.common.files import LOCK, build_lock
+from specchat.model.drafthead import copy_bytes, draft_head
 from specchat.model.lm import LayeredLM, ResidentLayers
 from specchat.sources.facts import LAYER_PREFIX, ModelFacts
 from specchat.weights.layerfiles import LayerFiles
@@ -67,8 +70,16 @@ class _Copy:
         return self.kind + (" of the NF4 weights" if self.of_nf4 else "")
 
 
-def self_draft_bytes(facts: ModelFacts, kind: str) -> int:
-    """RAM the low-bit layer copy takes (the embeddings and head are the target's)."""
+def self_draft_bytes(facts: ModelFacts, kind: str, dtype: torch.dtype) -> int:
+    """RAM the low-bit layer copy takes beside a target computing in ``dtype``, with the int8 copy
+    of its head that a float32 target's draft may keep (:func:`~specchat.model.drafthead.draft_head`;
+    the embeddings are the target's)."""
+    config = facts.config
+    head = copy_bytes(int(config.vocab_size), int(config.hidden_size), dtype)
+    return _layer_bytes(facts, kind) + head
+
+
+def _layer_bytes(facts: ModelFacts, kind: str) -> int:
     return int(facts.layer_elements * SELF_BYTES_PER_WEIGHT[kind])
 
 
@@ -94,7 +105,9 @@ def build_self_draft(
         layers = _build_copy(None, copy, progress)
     if kind == "int8":
         tune_int8(layers, copy.dtype)
-    return target.with_layers(ResidentLayers(layers), copy.dtype, shares_cache)
+    head, which = draft_head(target.lm_head, target.dtype)
+    progress(f"self draft's head: {which}")
+    return target.with_layers(ResidentLayers(layers), copy.dtype, shares_cache, head)
 
 
 def _build_locked(files: LayerFiles, copy: _Copy, progress) -> list[nn.Module]:
@@ -126,7 +139,7 @@ def _load_copy(files: LayerFiles, copy: _Copy, progress) -> list[nn.Module] | No
 def _build_copy(files: LayerFiles | None, copy: _Copy, progress) -> list[nn.Module]:
     """Quantise the checkpoint's layers one at a time, saving each where ``files`` says (if it can)."""
     facts = copy.facts
-    files = _writable(files, self_draft_bytes(facts, copy.kind), progress)
+    files = _writable(files, _layer_bytes(facts, copy.kind), progress)
     tensors = _checkpoint_tensors(facts.path)
     make_layer, layers = _layer_maker(facts), []
     if copy.of_nf4:

@@ -36,6 +36,7 @@ from torch import nn
 LOWBIT_KINDS = ("int8", "int4")
 LOWBIT_BITS = {"int8": 8, "int4": 4}
 INT4_GROUP = 32  # input columns per (scale, min); see int4_group
+QUANTIZE_ROWS = 8192  # output rows rounded at a time (a head of 152k rows never whole in float32)
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,10 +93,13 @@ class Int8Linear(LowBitLinear):
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
-        weight = linear.weight.detach().float()  # (out, in)
-        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)  # (out,)
-        out.weight_int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        out.scales = scale.to(out.kernel_dtype)
+        out.weight_int8 = torch.empty(linear.out_features, linear.in_features, dtype=torch.int8)
+        out.scales = torch.empty(linear.out_features, dtype=out.kernel_dtype)
+        for start in range(0, linear.out_features, QUANTIZE_ROWS):  # a float32 temporary of one chunk, not of W
+            weight = linear.weight.detach()[start:start + QUANTIZE_ROWS].float()  # (chunk, in)
+            scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)  # (chunk,)
+            out.weight_int8[start:start + QUANTIZE_ROWS] = torch.round(weight / scale[:, None]).clamp(-127, 127)
+            out.scales[start:start + QUANTIZE_ROWS] = scale
         if linear.bias is not None:
             out.bias = linear.bias.detach().clone()
         return out
@@ -226,8 +230,8 @@ def tune_int8(layers: list[nn.Module], dtype: torch.dtype, clock=time.perf_count
     crossover = Int8Linear.wide_rows
     for rows in (2, 4, 8, 12, 16, 24, 32, 48, 64):
         x = torch.randn(rows, probe.in_features).to(dtype)
-        narrow = _median_seconds(lambda: probe.narrow_product(x), clock)
-        if _median_seconds(lambda: probe.widened_product(x), clock) < narrow:
+        narrow = median_seconds(lambda: probe.narrow_product(x), clock)
+        if median_seconds(lambda: probe.widened_product(x), clock) < narrow:
             crossover = rows
             break
     for linear in linears:
@@ -235,7 +239,7 @@ def tune_int8(layers: list[nn.Module], dtype: torch.dtype, clock=time.perf_count
     return crossover
 
 
-def _median_seconds(work, clock, repeats: int = 5) -> float:
+def median_seconds(work, clock, repeats: int = 5) -> float:
     work()
     times = []
     for _ in range(repeats):
