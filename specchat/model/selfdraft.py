@@ -1,11 +1,10 @@
 """A draft made from the target itself (``--draft self``, ``self:int8``, ``self:int4``).
 
 The draft is the target's own architecture: it calls the target's embedding table, rotary
-table, final norm and LM head (the same tensors, no second copy; a float32 head may gain an int8
-copy for the draft's narrow steps, where that is measured faster: :mod:`specchat.model.drafthead`)
-and runs a low-bit resident
-copy of the target's decoder layers (:mod:`specchat.weights.lowbit`), built from the
-checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.  For a
+table, final norm and LM head (the same tensors; a float32 head may gain an int8 copy for the
+draft's narrow steps, where that measures faster: :mod:`specchat.model.drafthead`) and runs a
+low-bit resident copy of the target's decoder layers (:mod:`specchat.weights.lowbit`), built
+from the checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.  For a
 4-bit (NF4) target the copy rounds the weights as the NF4 store holds them, the model that
 target computes, not the 16-bit checkpoint it was rounded from.
 Because it is the target with rounded weights, it agrees with the target far more often than
