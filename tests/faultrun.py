@@ -7,7 +7,8 @@ FAULT is one of:
           renamed into place: after its bytes were written, before they count
   slow    each rename into place of a file whose name contains NAME takes a second (so two
           processes building one thing overlap)
-  sigint  SIGINT to itself on the NAME-th forward of a model (1 = the prefill)
+  sigint  SIGINT to itself on the NAME-th forward of a model (1 = the prefill), or with NAME
+          ``load`` as the target's weights start loading
 """
 
 import os
@@ -30,7 +31,17 @@ def main() -> None:
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
-    if fault == "sigint":
+    if fault == "sigint" and name == "load":
+        import specchat.app.loader as loader
+
+        real_load = loader.load_target
+
+        def load_target(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_load(*args, **kwargs)
+
+        loader.load_target = load_target
+    elif fault == "sigint":
         from specchat.model.lm import LayeredLM
 
         real_forward, calls = LayeredLM.forward, []
