@@ -1,6 +1,7 @@
 """Would a low-bit copy of the LM head pay for the self draft?  The self:int4 draft with the
-target's own float32 head against the same draft with an int8 (per row) or int4 (per group of
-32) copy of it: agreement with the target's greedy continuations (share of positions whose
+target's own head against the same draft with an int8 (per row) or int4 (per group of 32) copy
+of it, or the shortlist head (an int4 copy ranks, the target's rows score each row's best 64;
+specchat.model.drafthead): agreement with the target's greedy continuations (share of positions whose
 target token is in the draft's top 1/2/4) and one draft step's time at widths 1/8/32 after a
 200-token prefix (benchmarks/self_draft.py's measures).
 
@@ -18,6 +19,7 @@ from specchat.app.config import RunConfig
 from specchat.app.loader import load_pipeline
 from specchat.bench.sweep import load_prompts
 from specchat.common.paths import cache_dir
+from specchat.model.drafthead import Shortlist
 from specchat.model.selfdraft import build_self_draft, self_draft_dir
 from specchat.sources.facts import read_facts
 from specchat.weights.lowbit import Int4Linear, Int8Linear
@@ -32,10 +34,15 @@ def main() -> None:
     target = pipeline.engine.target
     facts = read_facts(pipeline.target.path)
     base = build_self_draft(target, facts, "int4", cache_dir=self_draft_dir(cache_dir() / "stores", facts, "int4"))
+    base.lm_head = target.lm_head  # whatever draft_head chose for this machine
     drafts = {f"int4, {target.dtype} head": base}
-    for name, linear in (("int8", Int8Linear), ("int4", Int4Linear)):
+    heads = {
+        "int8": lambda: Int8Linear.quantize(target.lm_head), "int4": lambda: Int4Linear.quantize(target.lm_head),
+        "shortlist": lambda: Shortlist(target.lm_head, Int4Linear.quantize(target.lm_head, fit=False)),
+    }
+    for name, make in heads.items():
         drafts[f"int4, {name} head"] = other = copy.copy(base)
-        other.lm_head = linear.quantize(target.lm_head).eval()
+        other.lm_head = make().eval()
     ranks = {name: [] for name in drafts}
     prompts = load_prompts(None, args.n)
     for prompt in prompts:

@@ -82,6 +82,38 @@ def test_first_two_tokens_follow_the_target_distribution(method, temperature, to
             target.lm_head.weight.mul_(0.25)
     else:
         target, draft = self_drafted(tmp_path)
+    _assert_first_two_follow_the_target(target, draft, method, temperature, top_p)
+
+
+def test_a_self_draft_with_a_shortlist_head_keeps_the_target_distribution(tmp_path):
+    """The self draft's head as a shortlist (specchat.model.drafthead): an int4 copy ranks the 12
+    tokens and the head itself scores the best 2 of each row, so q mixes the two heads' logits."""
+    from specchat.model.drafthead import NarrowHead, Shortlist
+    from specchat.weights.lowbit import Int4Linear
+
+    target, own = self_drafted(tmp_path)
+    head = target.lm_head
+    # The int4 kernel takes a multiple of 16 rows: the copy is of the 12 and 4 rows of zeros, cut off.
+    padded = torch.nn.Linear(head.in_features, 16, bias=False)
+    padded.weight.data = torch.cat([head.weight.detach(), torch.zeros(4, head.in_features)])
+    shortlist = Shortlist(head, Int4Linear.quantize(padded, fit=False), shortlist=2)
+    shortlist.copy = _FirstRows(shortlist.copy, VOCAB)
+    draft = target.with_layers(own.layer_source, own.layer_dtype, True, NarrowHead(head, shortlist, 1 << 30))
+    _assert_first_two_follow_the_target(target, draft, "specexec", 0.7, 0.9)
+
+
+class _FirstRows(torch.nn.Module):
+    """``linear``'s first ``rows`` outputs."""
+
+    def __init__(self, linear: torch.nn.Module, rows: int) -> None:
+        super().__init__()
+        self.linear, self.rows = linear, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)[..., : self.rows]
+
+
+def _assert_first_two_follow_the_target(target, draft, method: str, temperature: float, top_p: float) -> None:
     speculators = {"specexec": SpecExec(coupled=False)} if method == "specexec-uncoupled" else SPECULATORS
     engine = Engine(target, draft, CharTokenizer(), [], speculators=speculators)
     method = method.removesuffix("-uncoupled")

@@ -1,8 +1,8 @@
 """A draft made from the target itself (``--draft self``, ``self:int8``, ``self:int4``).
 
 The draft is the target's own architecture: it calls the target's embedding table, rotary
-table, final norm and LM head (the same tensors; a float32 head may gain an int8 copy for the
-draft's narrow steps, where that measures faster: :mod:`specchat.model.drafthead`) and runs a
+table, final norm and LM head (the same tensors; for the draft's narrow steps the head may gain
+a low-bit copy, where that measures faster: :mod:`specchat.model.drafthead`) and runs a
 low-bit resident copy of the target's decoder layers (:mod:`specchat.weights.lowbit`), built
 from the checkpoint one layer at a time, so the build's peak is one 16-bit layer beside the copy.  For a
 4-bit (NF4) target the copy rounds the weights as the NF4 store holds them, the model that
@@ -70,9 +70,9 @@ class _Copy:
 
 
 def self_draft_bytes(facts: ModelFacts, kind: str, dtype: torch.dtype) -> int:
-    """RAM the low-bit layer copy takes beside a target computing in ``dtype``, with the int8 copy
-    of its head that a float32 target's draft may keep (:func:`~specchat.model.drafthead.draft_head`;
-    the embeddings are the target's)."""
+    """RAM the low-bit layer copy takes beside a target computing in ``dtype``, with the largest
+    copy of its head the draft may keep (:func:`~specchat.model.drafthead.copy_bytes`; the
+    embeddings are the target's)."""
     config = facts.config
     head = copy_bytes(int(config.vocab_size), int(config.hidden_size), dtype)
     return _layer_bytes(facts, kind) + head
