@@ -10,7 +10,7 @@ calibration.  ``--lookahead auto`` grows the next tree while the target verifies
 would (the self draft beside a streamed target); ``both`` runs each draft with and without it
 (rows marked ``+la``).  ``--coupling both`` runs sampled SpecExec by the shared noise and, in rows
 marked ``uncoupled``, by draws from the generator.  ``--sibling-budgets`` gives the sibling budgets
-of its own.  ``--target-head`` runs each self draft that keeps an int8 copy of the head
+of its own.  ``--target-head`` runs each self draft that keeps a copy of the head
 (model/drafthead.py) once more over the target's own head (rows marked ``target-head``).  ``--first``
 starts at a later prompt (a run continuing another); ``--summarise`` prints the table of ``--log``
 files instead.  Prints one table; every run is appended to ``--log`` as JSON.
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--log", type=Path)
     parser.add_argument("--sibling-budgets", default="", help="the sibling's budgets (default: --budgets)")
     parser.add_argument("--target-head", action="store_true",
-                        help="also run each self draft that keeps an int8 copy of the head over the target's own head")
+                        help="also run each self draft that keeps a copy of the head over the target's own head")
     args = parser.parse_args()
     if args.summarise:
         print_table(rows_from_logs(args.summarise), args.sibling)
