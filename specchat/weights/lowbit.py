@@ -9,7 +9,7 @@ bfloat16 even where the target computes in float32 (:func:`kernel_dtype`):
           rows and more) q is widened to the compute dtype and multiplied by the fast dense
           kernel, y = (x q^T) s, since the row scale commutes with the product.
 ``int4``  asymmetric, one (scale, min) per group of :data:`INT4_GROUP` input columns, fitted by
-          least squares (:func:`int4_rounding`):
+          least squares (:func:`int4_rounding`; or from min to max, unfitted):
           w = min + q * scale, q in 0..15; ``torch._weight_int4pack_mm_for_cpu``, which reads
           w = (q - 8) * scale + zero, so zero = min + 8 * scale.
 
@@ -133,7 +133,7 @@ class Int4Linear(LowBitLinear):
     @classmethod
     def quantize(cls, linear: nn.Linear, fit: bool = True) -> Int4Linear:
         """The copy of ``linear``, its groups fitted by :func:`int4_rounding`, or with ``fit`` False
-        rounded to the nearest of 16 levels from min to max (three times faster; a head's copy
+        rounded to the nearest of 16 levels from min to max (six times faster; for a head's copy
         that only ranks tokens, :mod:`specchat.model.drafthead`)."""
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
         rows, group = linear.out_features, out.group
