@@ -88,7 +88,7 @@ def test_first_two_tokens_follow_the_target_distribution(method, temperature, to
 def test_a_self_draft_with_a_shortlist_head_keeps_the_target_distribution(tmp_path):
     """The self draft's head as a shortlist (specchat.model.drafthead): an int4 copy ranks the 12
     tokens and the head itself scores the best 2 of each row, so q mixes the two heads' logits."""
-    from specchat.model.drafthead import NarrowHead, Shortlist
+    from specchat.model.drafthead import Shortlist
     from specchat.weights.lowbit import Int4Linear
 
     target, own = self_drafted(tmp_path)
@@ -98,7 +98,7 @@ def test_a_self_draft_with_a_shortlist_head_keeps_the_target_distribution(tmp_pa
     padded.weight.data = torch.cat([head.weight.detach(), torch.zeros(4, head.in_features)])
     shortlist = Shortlist(head, Int4Linear.quantize(padded, fit=False), shortlist=2)
     shortlist.copy = _FirstRows(shortlist.copy, VOCAB)
-    draft = target.with_layers(own.layer_source, own.layer_dtype, True, NarrowHead(head, shortlist, 1 << 30))
+    draft = target.with_layers(own.layer_source, own.layer_dtype, True, shortlist)  # at every width
     _assert_first_two_follow_the_target(target, draft, "specexec", 0.7, 0.9)
 
 
